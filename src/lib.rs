@@ -1,0 +1,8 @@
+//! vdisk: a per-host service that gives virtual machines their disks over
+//! vhost-user-blk. See docs/ARCHITECTURE.md for the map of this crate.
+
+pub mod block;
+pub mod config;
+pub mod daemon;
+pub mod sys;
+pub mod vhost;

@@ -1,0 +1,271 @@
+//! Opening a disk: a raw file or block device, or a null device, and
+//! choosing the engine that serves it (probed once, logged once).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{BlockError, Engine, NullEngine, SyncEngine, UringEngine};
+use crate::sys;
+
+/// Where a disk's bytes live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskSource {
+    /// A regular file or a block device.
+    File(PathBuf),
+    /// A device of this many bytes that reads zeros and drops writes.
+    Null(u64),
+}
+
+/// Which engine serves a disk's queues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineKind {
+    /// io_uring, one ring per queue worker (the default where it works).
+    IoUring,
+    /// Synchronous preadv/pwritev on the worker thread: for tests and for
+    /// kernels without io_uring.
+    Sync,
+    /// No I/O at all (null devices).
+    Null,
+}
+
+/// How to open a disk.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    pub readonly: bool,
+    /// Open a second descriptor with O_DIRECT and use it for every aligned
+    /// read and write.
+    pub direct: bool,
+    /// Force an engine; `None` probes io_uring and falls back to sync.
+    pub engine: Option<EngineKind>,
+}
+
+/// The O_DIRECT side of a file disk.
+#[derive(Debug, Clone)]
+pub(super) struct DirectFile {
+    pub file: Arc<File>,
+    /// Alignment of buffer addresses.
+    pub mem_align: u64,
+    /// Alignment of offsets and lengths.
+    pub offset_align: u64,
+}
+
+impl DirectFile {
+    /// True when every slice and the offset meet O_DIRECT's alignment.
+    pub fn fits(&self, offset: u64, iov: &[sys::IoSlice]) -> bool {
+        offset % self.offset_align == 0
+            && iov.iter().all(|s| {
+                s.base as u64 % self.mem_align == 0 && s.len as u64 % self.offset_align == 0
+            })
+    }
+}
+
+/// An open disk; engines are made from it, one per queue worker.
+#[derive(Debug)]
+pub struct Disk {
+    source: DiskSource,
+    file: Option<Arc<File>>,
+    direct: Option<DirectFile>,
+    size: u64,
+    readonly: bool,
+    engine: EngineKind,
+}
+
+impl Disk {
+    pub fn open(source: &DiskSource, opts: &OpenOptions) -> Result<Disk, BlockError> {
+        match source {
+            DiskSource::Null(size) => {
+                if *size == 0 || size % 512 != 0 {
+                    return Err(BlockError::BadSize {
+                        path: "null device".into(),
+                        size: *size,
+                    });
+                }
+                Ok(Disk {
+                    source: source.clone(),
+                    file: None,
+                    direct: None,
+                    size: *size,
+                    readonly: opts.readonly,
+                    engine: EngineKind::Null,
+                })
+            }
+            DiskSource::File(path) => Self::open_file(source, path, opts),
+        }
+    }
+
+    fn open_file(source: &DiskSource, path: &Path, opts: &OpenOptions) -> Result<Disk, BlockError> {
+        let shown = path.display().to_string();
+        let open = |direct: bool| {
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true).write(!opts.readonly);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let file = open(false).map_err(|source| BlockError::Open {
+            path: shown.clone(),
+            source,
+        })?;
+        let size = file_size(&file).map_err(|source| BlockError::Size {
+            path: shown.clone(),
+            source,
+        })?;
+        if size == 0 || size % 512 != 0 {
+            return Err(BlockError::BadSize { path: shown, size });
+        }
+        let direct = if opts.direct {
+            let dfile = open(true).map_err(|source| BlockError::Open {
+                path: shown.clone(),
+                source,
+            })?;
+            let (mem_align, offset_align) = sys::dio_alignment(dfile.as_fd()).unwrap_or((512, 512));
+            log::info!(
+                "{shown}: O_DIRECT with {mem_align}-byte memory and {offset_align}-byte offset alignment; unaligned requests use the page cache"
+            );
+            Some(DirectFile {
+                file: Arc::new(dfile),
+                mem_align: mem_align.into(),
+                offset_align: offset_align.into(),
+            })
+        } else {
+            None
+        };
+        let engine = match opts.engine {
+            Some(EngineKind::Sync) => EngineKind::Sync,
+            _ if UringEngine::supported() => EngineKind::IoUring,
+            _ => {
+                log::warn!(
+                    "{shown}: io_uring is not usable here, serving with the synchronous engine"
+                );
+                EngineKind::Sync
+            }
+        };
+        log::info!(
+            "{shown}: {size} bytes, engine {engine:?}, {}",
+            if opts.readonly {
+                "read-only"
+            } else {
+                "read-write"
+            }
+        );
+        Ok(Disk {
+            source: source.clone(),
+            file: Some(Arc::new(file)),
+            direct,
+            size,
+            readonly: opts.readonly,
+            engine,
+        })
+    }
+
+    pub fn source(&self) -> &DiskSource {
+        &self.source
+    }
+
+    /// Size in bytes (a multiple of 512).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    pub fn engine_kind(&self) -> EngineKind {
+        self.engine
+    }
+
+    /// A new engine for one queue worker, allowing `depth` operations in
+    /// flight.
+    pub fn new_engine(&self, depth: usize) -> Result<Box<dyn Engine>, BlockError> {
+        Ok(match (self.engine, &self.file) {
+            (EngineKind::IoUring, Some(file)) => {
+                Box::new(UringEngine::new(file.clone(), self.direct.clone(), depth)?)
+            }
+            (EngineKind::Sync, Some(file)) => {
+                Box::new(SyncEngine::new(file.clone(), self.direct.clone(), depth)?)
+            }
+            _ => Box::new(NullEngine::new(depth)?),
+        })
+    }
+
+    /// Make every completed write durable, outside any engine (shutdown).
+    pub fn sync(&self) -> io::Result<()> {
+        match &self.file {
+            Some(f) if !self.readonly => f.sync_data(),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn file_size(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        sys::block_device_size(file.as_fd())
+    } else {
+        Ok(meta.len())
+    }
+}
+
+/// Zero `len` bytes at `offset` without the fast path: used when the
+/// filesystem refuses the fallocate mode an engine tried first.
+///
+/// With `unmap`, a punched hole is best (it frees space); otherwise the
+/// range stays allocated. Writing zeros is the last resort and always works.
+pub(super) fn zero_range_slow(
+    fd: BorrowedFd<'_>,
+    file: &File,
+    offset: u64,
+    len: u64,
+    unmap: bool,
+) -> io::Result<()> {
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+    let tries: &[i32] = if unmap { &[punch, zero] } else { &[zero] };
+    for &mode in tries {
+        match sys::fallocate(fd, mode, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if is_unsupported(&e) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    write_zeros(file, offset, len)
+}
+
+/// The fallocate mode for a discard or a write-zeroes.
+pub(super) fn fallocate_mode(unmap: bool) -> i32 {
+    if unmap {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+    }
+}
+
+pub(super) fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
+}
+
+/// One shared page-sized buffer of zeros is enough: writes repeat it.
+const ZERO_CHUNK: usize = 64 * 1024;
+
+fn write_zeros(file: &File, mut offset: u64, len: u64) -> io::Result<()> {
+    static ZEROS: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    while offset < end {
+        let n = (end - offset).min(ZERO_CHUNK as u64) as usize;
+        file.write_all_at(&ZEROS[..n], offset)?;
+        offset += n as u64;
+    }
+    Ok(())
+}

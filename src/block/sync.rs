@@ -1,0 +1,158 @@
+//! The synchronous engine: each operation runs to completion inside
+//! `push`, on the worker thread, and its completion is queued. Slower than
+//! io_uring but simple, portable and deterministic: used by tests and where
+//! io_uring is unavailable.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::disk::{fallocate_mode, is_unsupported, zero_range_slow, DirectFile};
+use super::{BlockError, Completion, Engine, Op, OpKind};
+use crate::sys;
+
+pub struct SyncEngine {
+    file: Arc<File>,
+    direct: Option<DirectFile>,
+    done: VecDeque<Completion>,
+    event: EventFd,
+    depth: usize,
+    write_through: bool,
+}
+
+impl SyncEngine {
+    pub(super) fn new(
+        file: Arc<File>,
+        direct: Option<DirectFile>,
+        depth: usize,
+    ) -> Result<Self, BlockError> {
+        Ok(SyncEngine {
+            file,
+            direct,
+            done: VecDeque::with_capacity(depth),
+            event: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+            depth,
+            write_through: false,
+        })
+    }
+
+    fn run(&self, op: &mut Op) -> io::Result<u64> {
+        match op.kind {
+            OpKind::Read | OpKind::Write => self.transfer(op),
+            OpKind::Flush => self.file.sync_data().map(|_| 0),
+            OpKind::Discard => self.zero(op.offset, op.len, true),
+            OpKind::WriteZeroes { unmap } => self.zero(op.offset, op.len, unmap),
+        }
+    }
+
+    fn zero(&self, offset: u64, len: u64, unmap: bool) -> io::Result<u64> {
+        match sys::fallocate(self.file.as_fd(), fallocate_mode(unmap), offset, len) {
+            Ok(()) => Ok(len),
+            Err(e) if is_unsupported(&e) => {
+                zero_range_slow(self.file.as_fd(), &self.file, offset, len, unmap).map(|_| len)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Loop until the whole request moved: preadv/pwritev may be short.
+    fn transfer(&self, op: &mut Op) -> io::Result<u64> {
+        let fd = match &self.direct {
+            Some(d) if d.fits(op.offset, &op.iov) => d.file.as_fd(),
+            _ => self.file.as_fd(),
+        };
+        let mut iov = op.iov.clone();
+        let mut offset = op.offset;
+        let mut total = 0u64;
+        while !iov.is_empty() {
+            // SAFETY: the caller of `push` keeps the memory the slices
+            // describe alive and unaliased until the completion is reaped,
+            // which is after this synchronous call returns.
+            let n = unsafe {
+                if op.kind == OpKind::Read {
+                    sys::preadv(fd, &iov, offset)?
+                } else {
+                    sys::pwritev(fd, &iov, offset, self.write_through)?
+                }
+            };
+            if n == 0 {
+                // A read past the end of a file that shrank underneath us.
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            total += n as u64;
+            offset += n as u64;
+            advance(&mut iov, n);
+        }
+        Ok(total)
+    }
+}
+
+/// Drop the first `n` bytes from a scatter-gather list.
+pub(super) fn advance(iov: &mut Vec<sys::IoSlice>, mut n: usize) {
+    let mut skip = 0;
+    for s in iov.iter_mut() {
+        if n >= s.len {
+            n -= s.len;
+            skip += 1;
+        } else {
+            s.base += n;
+            s.len -= n;
+            break;
+        }
+    }
+    iov.drain(..skip);
+}
+
+impl Engine for SyncEngine {
+    fn push(&mut self, mut op: Op, user_data: u64) -> Result<(), (BlockError, Op)> {
+        if self.done.len() >= self.depth {
+            return Err((BlockError::QueueFull, op));
+        }
+        let result = self.run(&mut op);
+        self.done.push_back(Completion { user_data, result });
+        Ok(())
+    }
+
+    fn submit(&mut self) -> Result<(), BlockError> {
+        if !self.done.is_empty() {
+            self.event.write(1).map_err(BlockError::Submit)?;
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.extend(self.done.drain(..));
+    }
+
+    fn wait(&mut self) -> Result<(), BlockError> {
+        Ok(())
+    }
+
+    fn notifier(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
+
+    fn ack_notifier(&self) {
+        let _ = self.event.read();
+    }
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+
+    fn capacity(&self) -> usize {
+        self.depth
+    }
+
+    fn name(&self) -> &'static str {
+        "sync"
+    }
+
+    fn set_write_through(&mut self, on: bool) {
+        self.write_through = on;
+    }
+}

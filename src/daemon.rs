@@ -1,0 +1,247 @@
+//! vdiskd's life: read the configuration, open every export, tell systemd
+//! we are ready, and on SIGTERM/SIGINT drain, flush and exit 0.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::block::{BlockError, Disk, OpenOptions};
+use crate::config::{self, ConfigError, ExportSource, ExportSpec, FileConfig};
+use crate::vhost::server::{Server, ServerError};
+use crate::vhost::{BlockDevice, DeviceConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vdiskd",
+    version,
+    about = "vdisk daemon: serves VM disks over vhost-user-blk"
+)]
+pub struct Args {
+    /// Configuration file (TOML). Default /etc/vdisk/vdiskd.toml, if it exists.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where images, volumes and the catalog live.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The control socket.
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// An export: socket=PATH,(file=PATH|null=SIZE|volume=NAME)[,queues=N][,readonly=on|off]
+    /// [,serial=TEXT][,block-size=512|4096][,direct=on|off][,engine=io-uring|sync]. Repeatable.
+    #[arg(long = "export", value_name = "SPEC")]
+    pub exports: Vec<ExportSpec>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("export {name}")]
+    Disk { name: String, source: BlockError },
+    #[error("export {name}")]
+    Server { name: String, source: ServerError },
+    #[error("export {name}: volume exports need the catalog, which this build does not have yet")]
+    NoCatalog { name: String },
+    #[error("two exports use the socket {0}")]
+    DuplicateSocket(String),
+    #[error("no exports: give --export SPEC or [[export]] tables in the config file")]
+    NoExports,
+    #[error("cannot create the state directory {path}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Settings after merging the file and the command line (flags win).
+pub struct Settings {
+    pub state_dir: PathBuf,
+    pub control: PathBuf,
+    pub log: Option<String>,
+    pub exports: Vec<ExportSpec>,
+}
+
+impl Settings {
+    pub fn from_args(args: Args) -> Result<Settings, ConfigError> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None if std::path::Path::new(config::DEFAULT_CONFIG).exists() => {
+                FileConfig::load(config::DEFAULT_CONFIG.as_ref())?
+            }
+            None => FileConfig::default(),
+        };
+        let mut exports = file.exports()?;
+        exports.extend(args.exports);
+        Ok(Settings {
+            state_dir: args
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| config::DEFAULT_STATE_DIR.into()),
+            control: args
+                .control
+                .or(file.control)
+                .unwrap_or_else(|| config::DEFAULT_CONTROL.into()),
+            log: file.log,
+            exports,
+        })
+    }
+}
+
+/// Open one export's disk and device and start serving it.
+pub fn start_export(spec: &ExportSpec) -> Result<Server, DaemonError> {
+    let name = spec
+        .socket
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "export".into());
+    let source = match &spec.source {
+        ExportSource::Disk(d) => d,
+        ExportSource::Volume(_) => return Err(DaemonError::NoCatalog { name }),
+    };
+    let opts = OpenOptions {
+        readonly: spec.readonly,
+        direct: spec.direct,
+        engine: spec.engine,
+    };
+    let disk = Disk::open(source, &opts).map_err(|source| DaemonError::Disk {
+        name: name.clone(),
+        source,
+    })?;
+    if disk.size() % u64::from(spec.block_size) != 0 {
+        log::warn!("export {name}: size {} is not a multiple of block-size {}; the last partial block is unreachable for 4K guests", disk.size(), spec.block_size);
+    }
+    let cfg = DeviceConfig {
+        size: disk.size(),
+        num_queues: spec.queues,
+        queue_size: crate::vhost::device::MAX_QUEUE_SIZE as u16,
+        readonly: spec.readonly,
+        block_size: spec.block_size,
+        serial: spec.serial_bytes(),
+        writeback: AtomicBool::new(true),
+    };
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let device = BlockDevice::new(&name, &disk, cfg, mem).map_err(|source| DaemonError::Disk {
+        name: name.clone(),
+        source,
+    })?;
+    Server::start(&name, &spec.socket, Arc::new(device), Arc::new(disk))
+        .map_err(|source| DaemonError::Server { name, source })
+}
+
+/// Run until SIGTERM or SIGINT. Returns once everything is drained and
+/// flushed.
+pub fn run(settings: Settings) -> Result<(), DaemonError> {
+    if settings.exports.is_empty() {
+        return Err(DaemonError::NoExports);
+    }
+    let mut sockets: Vec<&PathBuf> = settings.exports.iter().map(|e| &e.socket).collect();
+    sockets.sort();
+    if let Some(w) = sockets.windows(2).find(|w| w[0] == w[1]) {
+        return Err(DaemonError::DuplicateSocket(w[0].display().to_string()));
+    }
+    std::fs::create_dir_all(&settings.state_dir).map_err(|source| DaemonError::StateDir {
+        path: settings.state_dir.display().to_string(),
+        source,
+    })?;
+    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    let mut servers = Vec::new();
+    for spec in &settings.exports {
+        match start_export(spec) {
+            Ok(s) => servers.push(s),
+            Err(e) => {
+                for s in servers {
+                    s.stop();
+                }
+                return Err(e);
+            }
+        }
+    }
+    notify_systemd("READY=1");
+    log::info!("vdiskd ready: {} export(s)", servers.len());
+    if let Some(sig) = signals.forever().next() {
+        log::info!("signal {sig}: draining and flushing");
+    }
+    notify_systemd("STOPPING=1");
+    for s in servers {
+        s.stop();
+    }
+    log::info!("vdiskd stopped");
+    Ok(())
+}
+
+/// sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET.
+pub fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("sd_notify: {e}");
+            return;
+        }
+    };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = result {
+        log::warn!("sd_notify {state}: {e}");
+    }
+}
+
+/// Logging from VDISK_LOG, else the config's `log`, else `info`.
+pub fn init_logging(config_level: Option<&str>) {
+    let filter = std::env::var("VDISK_LOG")
+        .ok()
+        .or(config_level.map(str::to_string))
+        .unwrap_or_else(|| "info".into());
+    env_logger::Builder::new()
+        .parse_filters(&filter)
+        .format_timestamp_millis()
+        .init();
+}
+
+/// vdiskd's main: exit code 0 after a clean shutdown, 2 for a bad command
+/// line or configuration, 1 for anything else.
+pub fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let settings = match Settings::from_args(args) {
+        Ok(s) => s,
+        Err(e) => {
+            init_logging(None);
+            log::error!("{e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(settings.log.as_deref());
+    match run(settings) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            log::error!("{msg}");
+            match e {
+                DaemonError::Config(_)
+                | DaemonError::NoExports
+                | DaemonError::DuplicateSocket(_) => std::process::ExitCode::from(2),
+                _ => std::process::ExitCode::FAILURE,
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! The vhost-user-blk backend: features, config space, and the dispatch of
+//! worker-thread events to each queue's [`QueueWorker`].
+//!
+//! One worker thread per queue (`queues_per_thread`), each with its own
+//! engine behind its own mutex: the mutex is only ever contended by
+//! GET_VRING_BASE (stop_vring), never by another queue.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::VhostUserBackend;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config::DeviceConfig;
+use super::stats::{QueueStats, StatsSnapshot};
+use super::worker::{AtomicMem, QueueWorker, Vring};
+use crate::block::{BlockError, Disk};
+
+/// Largest queue we accept from a frontend (QEMU's default is 128,
+/// cloud-hypervisor's 128 or 256; 1024 is virtio-blk's usual ceiling).
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Operations one queue's engine keeps in flight; more wait in the
+/// worker's backlog. 256 covers QD32 x several segments with room to spare.
+pub const ENGINE_DEPTH: usize = 256;
+
+pub struct BlockDevice {
+    cfg: DeviceConfig,
+    workers: Vec<Mutex<QueueWorker>>,
+    stats: Vec<Arc<QueueStats>>,
+    event_idx: AtomicBool,
+    dirty_log: AtomicBool,
+    name: String,
+}
+
+impl BlockDevice {
+    pub fn new(
+        name: &str,
+        disk: &Disk,
+        cfg: DeviceConfig,
+        mem: AtomicMem,
+    ) -> Result<Self, BlockError> {
+        let stats: Vec<_> = (0..cfg.num_queues)
+            .map(|_| Arc::new(QueueStats::default()))
+            .collect();
+        let workers = stats
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Ok(Mutex::new(QueueWorker::new(
+                    disk.new_engine(ENGINE_DEPTH)?,
+                    mem.clone(),
+                    s.clone(),
+                    i,
+                )))
+            })
+            .collect::<Result<_, BlockError>>()?;
+        Ok(BlockDevice {
+            cfg,
+            workers,
+            stats,
+            event_idx: AtomicBool::new(false),
+            dirty_log: AtomicBool::new(false),
+            name: name.to_string(),
+        })
+    }
+
+    pub fn config(&self) -> &DeviceConfig {
+        &self.cfg
+    }
+
+    /// The epoll token of queue workers' completion notifiers: tokens up to
+    /// `num_queues` belong to vhost-user-backend (queues and its exit event).
+    pub fn completion_token(&self) -> u64 {
+        u64::from(self.cfg.num_queues) + 1
+    }
+
+    fn worker(&self, i: usize) -> MutexGuard<'_, QueueWorker> {
+        // A worker that panicked is a bug; its state is still consistent
+        // enough to drain, so do not poison the whole device.
+        self.workers[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fd to register with worker thread `i`'s epoll loop.
+    pub fn notifier(&self, i: usize) -> std::os::fd::RawFd {
+        self.worker(i).notifier()
+    }
+
+    /// Prepare for a new connection: drain every queue and take the new
+    /// connection's guest memory.
+    pub fn reset(&self, mem: &AtomicMem) {
+        for i in 0..self.workers.len() {
+            self.worker(i).reset(mem.clone());
+        }
+        self.event_idx.store(false, Ordering::Relaxed);
+        self.dirty_log.store(false, Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot::sum(self.stats.iter().map(|s| &**s))
+    }
+}
+
+impl VhostUserBackend for BlockDevice {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        self.cfg.features()
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        let log = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        self.dirty_log.store(log, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.cfg.read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        self.cfg.write(offset, buf).map_err(io::Error::other)
+    }
+
+    fn update_memory(&self, _mem: AtomicMem) -> io::Result<()> {
+        // The workers hold the same GuestMemoryAtomic the handler updates.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.workers.len()).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+            .map_err(|e| log::error!("{}: cannot create a worker exit event: {e}", self.name))
+            .ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(w) = self.workers.get(queue_index as usize) {
+            w.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .stop(self.dirty_log.load(Ordering::Relaxed));
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let Some(vring) = vrings.first() else {
+            return Ok(());
+        };
+        let dirty_log = self.dirty_log.load(Ordering::Relaxed);
+        let mut w = self.worker(thread_id);
+        let result = if u64::from(device_event) == self.completion_token() {
+            w.on_completion(vring, dirty_log)
+        } else {
+            w.on_kick(
+                vring,
+                &self.cfg,
+                self.event_idx.load(Ordering::Relaxed),
+                dirty_log,
+            )
+        };
+        result.map_err(|e| {
+            log::error!("{}: queue {thread_id} stopped: {e}", self.name);
+            io::Error::from(e)
+        })
+    }
+}

@@ -1,0 +1,476 @@
+//! One queue's worker: pops descriptor chains, parses them, hands the
+//! operations to this queue's own engine, and completes requests when the
+//! engine reports back. Runs on the queue's vhost-user worker thread; the
+//! used ring is updated and the guest signalled once per batch.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VringRwLock, VringStateMutGuard, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::Bytes;
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
+
+use super::config::DeviceConfig;
+use super::request::{self, status, Kind, Refused, Region, Request};
+use super::stats::QueueStats;
+use crate::block::{self, Completion, Engine, IoSlice, Op};
+
+pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
+pub type AtomicMem = GuestMemoryAtomic<Mem>;
+pub type Vring = VringRwLock<AtomicMem>;
+
+/// Why a queue had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the avail ring is corrupt")]
+    BrokenRing(#[source] virtio_queue::Error),
+    #[error("descriptor head {0} is outside the queue or already in flight")]
+    BadHead(u16),
+    #[error("cannot update the used ring")]
+    UsedRing(#[source] virtio_queue::Error),
+    #[error("cannot signal the guest")]
+    Signal(#[source] io::Error),
+}
+
+impl From<QueueError> for io::Error {
+    fn from(e: QueueError) -> Self {
+        io::Error::other(e)
+    }
+}
+
+/// A request the engine is working on.
+struct Pending {
+    head: u16,
+    status_addr: GuestAddress,
+    status: u8,
+    /// Engine operations still outstanding for this request.
+    parts: u32,
+    /// Bytes the device writes into guest memory, reported in the used ring.
+    used_len: u32,
+    /// Read targets, for dirty logging.
+    read_regions: Vec<Region>,
+    /// Keeps the guest memory the engine reads and writes mapped.
+    _mem: Arc<Mem>,
+    is_write: bool,
+    bytes: u64,
+}
+
+pub struct QueueWorker {
+    // Field order matters: the engine drops (and drains) before the
+    // pending table releases the memory it points into.
+    engine: Box<dyn Engine>,
+    pending: Vec<Option<Pending>>,
+    free: Vec<u32>,
+    /// Operations popped but not yet accepted by a full engine.
+    backlog: VecDeque<(Op, u64)>,
+    /// Heads in flight, indexed by head: a head seen twice is a broken ring.
+    heads: Vec<bool>,
+    completions: Vec<Completion>,
+    mem: AtomicMem,
+    vring: Option<Vring>,
+    stats: Arc<QueueStats>,
+    index: usize,
+}
+
+impl QueueWorker {
+    pub fn new(
+        engine: Box<dyn Engine>,
+        mem: AtomicMem,
+        stats: Arc<QueueStats>,
+        index: usize,
+    ) -> Self {
+        QueueWorker {
+            engine,
+            pending: Vec::new(),
+            free: Vec::new(),
+            backlog: VecDeque::new(),
+            heads: Vec::new(),
+            completions: Vec::new(),
+            mem,
+            vring: None,
+            stats,
+            index,
+        }
+    }
+
+    pub fn notifier(&self) -> std::os::fd::RawFd {
+        self.engine.notifier()
+    }
+
+    /// Start over for a new connection: wait for everything in flight and
+    /// forget the old rings and memory.
+    pub fn reset(&mut self, mem: AtomicMem) {
+        self.backlog.clear();
+        block::drain(self.engine.as_mut());
+        self.completions.clear();
+        self.pending.clear();
+        self.free.clear();
+        self.heads.clear();
+        self.vring = None;
+        self.mem = mem;
+    }
+
+    /// A kick: take every available chain.
+    pub fn on_kick(
+        &mut self,
+        vring: &Vring,
+        cfg: &DeviceConfig,
+        event_idx: bool,
+        dirty_log: bool,
+    ) -> Result<(), QueueError> {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+        self.engine.set_write_through(!cfg.writeback());
+        let mem = self.mem.memory().into_inner();
+        let mut state = vring.get_mut();
+        let mut signal = false;
+        // Completions first: they free slots and make the used ring current.
+        signal |= self.reap(&mut state, &mem, dirty_log)?;
+        loop {
+            if event_idx {
+                state
+                    .get_queue_mut()
+                    .disable_notification(&*mem)
+                    .map_err(QueueError::UsedRing)?;
+            }
+            loop {
+                let chains: Vec<_> = state
+                    .get_queue_mut()
+                    .iter(&*mem)
+                    .map_err(QueueError::BrokenRing)?
+                    .collect();
+                if chains.is_empty() {
+                    break;
+                }
+                let size = state.get_queue().size();
+                for chain in chains {
+                    signal |= self.start(chain, size, cfg, &mem, &mut state)?;
+                }
+                self.submit();
+            }
+            if !event_idx
+                || !state
+                    .get_queue_mut()
+                    .enable_notification(&*mem)
+                    .map_err(QueueError::UsedRing)?
+            {
+                break;
+            }
+        }
+        if signal {
+            self.signal(&mut state, &mem)?;
+        }
+        Ok(())
+    }
+
+    /// The engine's notifier fired: complete what finished.
+    pub fn on_completion(&mut self, vring: &Vring, dirty_log: bool) -> Result<(), QueueError> {
+        self.engine.ack_notifier();
+        let mem = self.mem.memory().into_inner();
+        let mut state = vring.get_mut();
+        if self.reap(&mut state, &mem, dirty_log)? {
+            self.signal(&mut state, &mem)?;
+        }
+        Ok(())
+    }
+
+    /// GET_VRING_BASE: wait for every request in flight and complete it,
+    /// so the frontend gets a ring with nothing outstanding.
+    pub fn stop(&mut self, dirty_log: bool) {
+        let Some(vring) = self.vring.clone() else {
+            block::drain(self.engine.as_mut());
+            return;
+        };
+        let mem = self.mem.memory().into_inner();
+        while self.engine.in_flight() > 0 || !self.backlog.is_empty() {
+            self.submit();
+            if let Err(e) = self.engine.wait() {
+                log::error!("queue {}: waiting for in-flight I/O: {e}", self.index);
+                break;
+            }
+            let mut state = vring.get_mut();
+            match self.reap(&mut state, &mem, dirty_log) {
+                Ok(true) => {
+                    let _ = self.signal(&mut state, &mem);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    log::error!("queue {}: completing in-flight I/O: {e}", self.index);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn submit(&mut self) {
+        while let Some((op, ud)) = self.backlog.pop_front() {
+            if let Err((_, op)) = self.engine.push(op, ud) {
+                self.backlog.push_front((op, ud));
+                break;
+            }
+        }
+        if let Err(e) = self.engine.submit() {
+            log::error!("queue {}: {e}", self.index);
+        }
+    }
+
+    fn push(&mut self, op: Op, ud: u64) {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back((op, ud));
+            return;
+        }
+        if let Err((_, op)) = self.engine.push(op, ud) {
+            self.backlog.push_back((op, ud));
+        }
+    }
+
+    /// Parse one chain and start it. Returns true when it completed at once
+    /// (the used ring changed).
+    fn start(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&Mem>,
+        queue_size: u16,
+        cfg: &DeviceConfig,
+        mem: &Arc<Mem>,
+        state: &mut VringStateMutGuardOf<'_>,
+    ) -> Result<bool, QueueError> {
+        let head = chain.head_index();
+        if head >= queue_size {
+            return Err(QueueError::BadHead(head));
+        }
+        if self.heads.len() < usize::from(queue_size) {
+            self.heads.resize(usize::from(queue_size), false);
+        }
+        if self.heads[usize::from(head)] {
+            return Err(QueueError::BadHead(head));
+        }
+        let req = match request::parse(chain, cfg) {
+            Ok(r) => r,
+            Err(Refused {
+                head,
+                error,
+                status,
+            }) => {
+                log::debug!("queue {}: refused request {head}: {error}", self.index);
+                self.stats.errors.inc();
+                if let Some(addr) = status {
+                    let _ = mem.write_obj(error.status(), addr);
+                }
+                let len = u32::from(status.is_some());
+                state
+                    .get_queue_mut()
+                    .add_used(&**mem, head, len)
+                    .map_err(QueueError::UsedRing)?;
+                return Ok(true);
+            }
+        };
+        match req.kind {
+            Kind::GetId => {
+                let n = self.write_id(&req, cfg, mem);
+                let _ = mem.write_obj(status::OK, req.status);
+                state
+                    .get_queue_mut()
+                    .add_used(&**mem, head, n + 1)
+                    .map_err(QueueError::UsedRing)?;
+                Ok(true)
+            }
+            _ => {
+                self.heads[usize::from(head)] = true;
+                self.dispatch(req, mem);
+                Ok(false)
+            }
+        }
+    }
+
+    fn write_id(&self, req: &Request, cfg: &DeviceConfig, mem: &Mem) -> u32 {
+        let id = request::id_bytes(&cfg.serial, req.data_len as usize);
+        let mut done = 0usize;
+        for r in &req.data {
+            if done == id.len() {
+                break;
+            }
+            let n = (r.len as usize).min(id.len() - done);
+            if mem.write_slice(&id[done..done + n], r.addr).is_err() {
+                break;
+            }
+            done += n;
+        }
+        done as u32
+    }
+
+    /// Turn a request into engine operations.
+    fn dispatch(&mut self, req: Request, mem: &Arc<Mem>) {
+        let (ops, is_read, is_write) = match &req.kind {
+            Kind::Read { offset } | Kind::Write { offset } => {
+                let is_read = matches!(req.kind, Kind::Read { .. });
+                match host_slices(mem, &req.data) {
+                    Some(iov) if is_read => (vec![Op::read(*offset, iov)], true, false),
+                    Some(iov) => (vec![Op::write(*offset, iov)], false, true),
+                    None => (Vec::new(), is_read, !is_read),
+                }
+            }
+            Kind::Flush => (vec![Op::flush()], false, false),
+            Kind::Discard(ranges) => (
+                ranges
+                    .iter()
+                    .map(|r| Op::discard(r.offset, r.len))
+                    .collect(),
+                false,
+                false,
+            ),
+            Kind::WriteZeroes(ranges) => (
+                ranges
+                    .iter()
+                    .map(|r| Op::write_zeroes(r.offset, r.len, r.unmap))
+                    .collect(),
+                false,
+                false,
+            ),
+            Kind::GetId => unreachable!("GET_ID completes without the engine"),
+        };
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.pending.push(None);
+                (self.pending.len() - 1) as u32
+            }
+        };
+        let parts = ops.len() as u32;
+        self.pending[slot as usize] = Some(Pending {
+            head: req.head,
+            status_addr: req.status,
+            // A request whose memory could not be mapped fails here.
+            status: if parts == 0 {
+                status::IOERR
+            } else {
+                status::OK
+            },
+            parts,
+            used_len: if is_read { req.data_len + 1 } else { 1 },
+            read_regions: if is_read { req.data } else { Vec::new() },
+            _mem: mem.clone(),
+            is_write,
+            bytes: u64::from(req.data_len),
+        });
+        if parts == 0 {
+            // Nothing to wait for: finish through the normal path.
+            self.completions.push(Completion {
+                user_data: u64::from(slot),
+                result: Ok(0),
+            });
+            if let Some(p) = self.pending[slot as usize].as_mut() {
+                p.parts = 1;
+            }
+            return;
+        }
+        for op in ops {
+            self.push(op, u64::from(slot));
+        }
+    }
+
+    /// Complete every finished operation. Returns true if the used ring
+    /// changed.
+    fn reap(
+        &mut self,
+        state: &mut VringStateMutGuardOf<'_>,
+        mem: &Mem,
+        dirty_log: bool,
+    ) -> Result<bool, QueueError> {
+        self.engine.reap(&mut self.completions);
+        if self.completions.is_empty() {
+            return Ok(false);
+        }
+        let mut done = std::mem::take(&mut self.completions);
+        for c in done.drain(..) {
+            let slot = c.user_data as usize;
+            let Some(p) = self.pending.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if let Err(e) = &c.result {
+                log::warn!(
+                    "queue {}: I/O for request {} failed: {e}",
+                    self.index,
+                    p.head
+                );
+                p.status = status::IOERR;
+            }
+            p.parts -= 1;
+            if p.parts > 0 {
+                continue;
+            }
+            let p = self.pending[slot].take().expect("checked above");
+            self.free.push(slot as u32);
+            if p.status == status::OK {
+                if dirty_log {
+                    mark_dirty(mem, &p.read_regions);
+                }
+                self.stats
+                    .record(p.is_write, !p.read_regions.is_empty(), p.bytes);
+            } else {
+                self.stats.errors.inc();
+            }
+            let _ = mem.write_obj(p.status, p.status_addr);
+            let used = if p.status == status::OK {
+                p.used_len
+            } else {
+                1
+            };
+            self.heads[usize::from(p.head)] = false;
+            state
+                .get_queue_mut()
+                .add_used(mem, p.head, used)
+                .map_err(QueueError::UsedRing)?;
+        }
+        self.completions = done;
+        // Slots freed: operations waiting for the engine may go now.
+        if !self.backlog.is_empty() {
+            self.submit();
+        }
+        Ok(true)
+    }
+
+    fn signal(&self, state: &mut VringStateMutGuardOf<'_>, mem: &Mem) -> Result<(), QueueError> {
+        if state
+            .get_queue_mut()
+            .needs_notification(mem)
+            .map_err(QueueError::UsedRing)?
+        {
+            state.signal_used_queue().map_err(QueueError::Signal)?;
+        }
+        Ok(())
+    }
+}
+
+type VringStateMutGuardOf<'a> = <Vring as VringStateMutGuard<'a, AtomicMem>>::G;
+
+/// Host addresses of guest regions, split where guest memory regions end.
+fn host_slices(mem: &Mem, regions: &[Region]) -> Option<Vec<IoSlice>> {
+    let mut out = Vec::with_capacity(regions.len());
+    for r in regions {
+        for s in GuestMemoryBackend::get_slices(mem, r.addr, r.len as usize) {
+            let s = s.ok()?;
+            out.push(IoSlice {
+                base: s.ptr_guard_mut().as_ptr() as usize,
+                len: s.len(),
+            });
+        }
+    }
+    Some(out)
+}
+
+/// The kernel wrote these regions behind vm-memory's back: tell the
+/// frontend's dirty log.
+fn mark_dirty(mem: &Mem, regions: &[Region]) {
+    for r in regions {
+        for s in GuestMemoryBackend::get_slices(mem, r.addr, r.len as usize).flatten() {
+            s.bitmap().mark_dirty(0, s.len());
+        }
+    }
+}
