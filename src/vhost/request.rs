@@ -174,10 +174,12 @@ where
     let mut readable: Vec<Region> = Vec::new();
     let mut writable: Vec<Region> = Vec::new();
     let mut layout_error = None;
-    for desc in chain.clone() {
-        if readable.len() + writable.len() >= max_desc {
+    // The chain iterator is bounded by the queue (or indirect table) size
+    // and stops at loops, so walking it whole is bounded too: the status
+    // byte is at its end even when the chain is too long.
+    for (n, desc) in chain.clone().enumerate() {
+        if n >= max_desc {
             layout_error = Some(ParseError::TooManyDescriptors(max_desc));
-            break;
         }
         if desc.len() == 0 {
             continue;

@@ -474,3 +474,7 @@ fn mark_dirty(mem: &Mem, regions: &[Region]) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod tests;
