@@ -126,7 +126,7 @@ impl ExportSpec {
                     sources.push(ExportSource::Disk(DiskSource::Null(size)));
                 }
                 "volume" => {
-                    check_name(&value).map_err(|w| bad(w))?;
+                    check_name(&value).map_err(&bad)?;
                     sources.push(ExportSource::Volume(value.clone()));
                 }
                 "queues" => {

@@ -1,6 +1,8 @@
 //! vdisk: a per-host service that gives virtual machines their disks over
 //! vhost-user-blk. See docs/ARCHITECTURE.md for the map of this crate.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod block;
 pub mod config;
 pub mod daemon;

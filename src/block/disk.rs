@@ -57,9 +57,10 @@ pub(super) struct DirectFile {
 impl DirectFile {
     /// True when every slice and the offset meet O_DIRECT's alignment.
     pub fn fits(&self, offset: u64, iov: &[sys::IoSlice]) -> bool {
-        offset % self.offset_align == 0
+        offset.is_multiple_of(self.offset_align)
             && iov.iter().all(|s| {
-                s.base as u64 % self.mem_align == 0 && s.len as u64 % self.offset_align == 0
+                (s.base as u64).is_multiple_of(self.mem_align)
+                    && (s.len as u64).is_multiple_of(self.offset_align)
             })
     }
 }

@@ -218,7 +218,7 @@ fn discard_and_write_zeroes_segments() {
 fn bad_segments() {
     let m = mem();
     let c = cfg(false);
-    let mut check = |ty, segs: &[(u64, u32, u32)], want: ParseError| {
+    let check = |ty, segs: &[(u64, u32, u32)], want: ParseError| {
         let len = segments(&m, segs);
         header(&m, ty, 0);
         let err = refused(run(

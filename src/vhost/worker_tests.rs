@@ -291,8 +291,9 @@ fn write_through_after_the_guest_clears_writeback() {
 /// Random descriptor tables, avail rings and headers: the worker must
 /// never panic, and whatever it puts in the used ring must name a real
 /// head. Run longer with PROPTEST_CASES=100000.
-fn random_ring(
-) -> impl Strategy<Value = (Vec<(u64, u32, u16, u16)>, Vec<u16>, u16, Vec<(u32, u64)>)> {
+type RandomRing = (Vec<(u64, u32, u16, u16)>, Vec<u16>, u16, Vec<(u32, u64)>);
+
+fn random_ring() -> impl Strategy<Value = RandomRing> {
     let addr = prop_oneof![
         4 => (0u64..16).prop_map(|i| BUF + i * 0x1000),
         1 => (0u64..16).prop_map(|i| BUF + i * 0x1000 + 7),
