@@ -21,10 +21,10 @@ use super::{BlockError, Completion, Engine, Op, OpKind};
 use crate::sys::IoSlice;
 
 struct Slot {
+    /// The operation; for reads and writes `op.iov` is what is left to
+    /// transfer, advanced in place after a short transfer.
     op: Op,
     user_data: u64,
-    /// What is left to transfer (reads and writes), advanced on short I/O.
-    rest: Vec<IoSlice>,
     /// Bytes transferred so far.
     done: u64,
 }
@@ -99,11 +99,11 @@ impl UringEngine {
             OpKind::Read | OpKind::Write => {
                 let offset = op.offset + slot.done;
                 let fd = match &self.direct {
-                    Some(d) if d.fits(offset, &slot.rest) => types::Fd(d.file.as_raw_fd()),
+                    Some(d) if d.fits(offset, &op.iov) => types::Fd(d.file.as_raw_fd()),
                     _ => buffered,
                 };
-                let iov = IoSlice::as_iovecs(&slot.rest);
-                let cnt = slot.rest.len().min(crate::sys::IOV_MAX) as u32;
+                let iov = IoSlice::as_iovecs(&op.iov);
+                let cnt = op.iov.len().min(crate::sys::IOV_MAX) as u32;
                 if op.kind == OpKind::Read {
                     opcode::Readv::new(fd, iov, cnt).offset(offset).build()
                 } else {
@@ -136,7 +136,7 @@ impl UringEngine {
     fn queue_sqe(&mut self, idx: u32) -> Result<(), BlockError> {
         let entry = self.sqe(idx);
         loop {
-            // SAFETY: the SQE points at `slots[idx].rest` (an iovec array
+            // SAFETY: the SQE points at `slots[idx].op.iov` (an iovec array
             // whose heap buffer does not move while the slot is occupied)
             // and at the memory those iovecs describe, which the caller of
             // `push` keeps alive until the completion is reaped. The slot
@@ -202,7 +202,7 @@ impl UringEngine {
                     // End of file inside the disk: the file shrank.
                     self.finish(idx, Err(io::Error::from_raw_os_error(libc::EIO)));
                 } else {
-                    advance(&mut slot.rest, n as usize);
+                    advance(&mut slot.op.iov, n as usize);
                     self.queue_sqe(idx)?;
                 }
             }
@@ -220,11 +220,9 @@ impl Engine for UringEngine {
         let Some(idx) = self.free.pop() else {
             return Err((BlockError::QueueFull, op));
         };
-        let rest = op.iov.clone();
         self.slots[idx as usize] = Some(Slot {
             op,
             user_data,
-            rest,
             done: 0,
         });
         self.in_flight += 1;
