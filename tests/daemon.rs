@@ -26,7 +26,10 @@ impl Dir {
     }
     fn cmd(&self) -> Command {
         let mut c = Command::new(VDISKD);
-        c.arg("--state-dir").arg(self.p("state")).arg("--control").arg(self.p("control.sock"));
+        c.arg("--state-dir")
+            .arg(self.p("state"))
+            .arg("--control")
+            .arg(self.p("control.sock"));
         c.env_remove("NOTIFY_SOCKET").stdin(Stdio::null());
         c
     }
@@ -44,7 +47,11 @@ impl Drop for Guard {
 fn wait_for(path: &Path) {
     let t = Instant::now();
     while !path.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "{} never appeared", path.display());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -58,13 +65,19 @@ fn sigterm(child: &mut Child) -> std::process::ExitStatus {
         if let Some(st) = child.try_wait().unwrap() {
             return st;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "vdiskd did not exit after SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "vdiskd did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn run(cmd: &mut Command) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).output().unwrap()
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -73,7 +86,9 @@ fn tells_systemd_it_is_ready_and_exits_zero_on_sigterm() {
     let disk = d.disk("a.img", 1 << 20);
     let notify = d.p("notify.sock");
     let listener = UnixDatagram::bind(&notify).unwrap();
-    listener.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let sock = d.p("a.sock");
     let mut child = Guard(
         d.cmd()
@@ -116,7 +131,11 @@ fn exports_come_from_the_config_file_too() {
             .arg("--config")
             .arg(&cfg)
             .arg("--export")
-            .arg(format!("socket={},file={}", d.p("b.sock").display(), b.display()))
+            .arg(format!(
+                "socket={},file={}",
+                d.p("b.sock").display(),
+                b.display()
+            ))
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
@@ -131,11 +150,37 @@ fn bad_command_lines_exit_2_with_a_clear_message() {
     let d = Dir::new();
     let disk = d.disk("a.img", 1 << 20);
     let cases = [
-        (vec!["--export".to_string(), format!("file={}", disk.display())], "`socket=` is required"),
-        (vec!["--export".into(), format!("socket={},file={},queues=99", d.p("s").display(), disk.display())], "expected 1 to 16"),
-        (vec!["--export".into(), format!("socket={},file={},colour=red", d.p("s").display(), disk.display())], "unknown key `colour`"),
+        (
+            vec!["--export".to_string(), format!("file={}", disk.display())],
+            "`socket=` is required",
+        ),
+        (
+            vec![
+                "--export".into(),
+                format!(
+                    "socket={},file={},queues=99",
+                    d.p("s").display(),
+                    disk.display()
+                ),
+            ],
+            "expected 1 to 16",
+        ),
+        (
+            vec![
+                "--export".into(),
+                format!(
+                    "socket={},file={},colour=red",
+                    d.p("s").display(),
+                    disk.display()
+                ),
+            ],
+            "unknown key `colour`",
+        ),
         (vec![], "no exports"),
-        (vec!["--config".into(), d.p("missing.toml").display().to_string()], "missing.toml"),
+        (
+            vec!["--config".into(), d.p("missing.toml").display().to_string()],
+            "missing.toml",
+        ),
         (
             vec![
                 "--export".into(),
@@ -159,8 +204,18 @@ fn a_disk_that_cannot_be_opened_exits_1_naming_it() {
     let d = Dir::new();
     let bad = d.disk("odd.img", 1000);
     for (spec, want) in [
-        (format!("socket={},file={}", d.p("s").display(), d.p("nope.img").display()), "nope.img"),
-        (format!("socket={},file={}", d.p("s").display(), bad.display()), "not a multiple of 512"),
+        (
+            format!(
+                "socket={},file={}",
+                d.p("s").display(),
+                d.p("nope.img").display()
+            ),
+            "nope.img",
+        ),
+        (
+            format!("socket={},file={}", d.p("s").display(), bad.display()),
+            "not a multiple of 512",
+        ),
     ] {
         let out = run(d.cmd().arg("--export").arg(&spec));
         let err = String::from_utf8_lossy(&out.stderr);
@@ -176,7 +231,11 @@ fn the_systemd_unit_verifies() {
     };
     assert!(which.status.success());
     let d = Dir::new();
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/vdiskd.service")).unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/vdiskd.service"
+    ))
+    .unwrap();
     assert!(unit.contains("Type=notify"));
     assert!(unit.contains("RuntimeDirectory=vdisk"));
     let unit = unit.replace("/usr/local/bin/vdiskd", VDISKD);

@@ -185,7 +185,10 @@ fn reading_past_the_end_of_a_shrunk_file_is_an_error_not_a_hang() {
         // Straddling the new end: a short transfer, resubmitted for the
         // rest, which then finds the end of the file.
         let mut buf = vec![0u8; 8192];
-        let r = run(e.as_mut(), Op::read(0, vec![slice(&mut buf[..4096]), slice(&mut buf[4096..])]));
+        let r = run(
+            e.as_mut(),
+            Op::read(0, vec![slice(&mut buf[..4096]), slice(&mut buf[4096..])]),
+        );
         assert!(r.is_err(), "{kind:?}");
     }
 }
