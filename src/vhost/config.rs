@@ -99,6 +99,12 @@ impl DeviceConfig {
         self.writeback.load(Ordering::Relaxed)
     }
 
+    /// A new driver starts with the write cache on, whatever the last one
+    /// chose (as QEMU's own virtio-blk does on reset).
+    pub fn reset(&self) {
+        self.writeback.store(true, Ordering::Relaxed);
+    }
+
     /// The whole config space, little-endian, as virtio 1.2 lays it out.
     pub fn space(&self) -> [u8; CONFIG_SPACE_SIZE] {
         let mut c = [0u8; CONFIG_SPACE_SIZE];
@@ -143,14 +149,6 @@ impl DeviceConfig {
     pub fn write(&self, offset: u32, data: &[u8]) -> Result<(), ConfigError> {
         if offset as usize == WRITEBACK_OFFSET && data.len() == 1 && data[0] <= 1 {
             self.writeback.store(data[0] == 1, Ordering::Relaxed);
-            log::info!(
-                "guest set the write cache to {}",
-                if data[0] == 1 {
-                    "write-back"
-                } else {
-                    "write-through"
-                }
-            );
             Ok(())
         } else {
             Err(ConfigError::ReadOnlyField {
@@ -240,6 +238,9 @@ mod tests {
         let c = cfg(false);
         c.write(WRITEBACK_OFFSET as u32, &[0]).unwrap();
         assert!(!c.writeback());
+        c.reset();
+        assert!(c.writeback());
+        c.write(WRITEBACK_OFFSET as u32, &[0]).unwrap();
         assert_eq!(c.space()[WRITEBACK_OFFSET], 0);
         assert!(c.write(0, &[1; 8]).is_err());
         assert!(c.write(WRITEBACK_OFFSET as u32, &[7]).is_err());

@@ -99,6 +99,7 @@ impl BlockDevice {
         }
         self.event_idx.store(false, Ordering::Relaxed);
         self.dirty_log.store(false, Ordering::Relaxed);
+        self.cfg.reset();
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -146,7 +147,14 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        self.cfg.write(offset, buf).map_err(io::Error::other)
+        self.cfg.write(offset, buf).map_err(io::Error::other)?;
+        let mode = if self.cfg.writeback() {
+            "write-back"
+        } else {
+            "write-through"
+        };
+        log::info!("{}: the guest set the write cache to {mode}", self.name);
+        Ok(())
     }
 
     fn update_memory(&self, _mem: AtomicMem) -> io::Result<()> {

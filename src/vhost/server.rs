@@ -194,6 +194,9 @@ fn serve(
         log::info!("export {name}: frontend connected");
         match daemon.wait() {
             Ok(()) => log::info!("export {name}: frontend disconnected"),
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => log::info!("export {name}: frontend disconnected"),
             Err(e) => log::warn!("export {name}: connection ended: {e}"),
         }
         // Dropping the daemon stops and joins the queue workers.
