@@ -4,6 +4,8 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod block;
+pub mod cache;
+pub mod catalog;
 pub mod config;
 pub mod daemon;
 pub mod sys;

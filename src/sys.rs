@@ -139,3 +139,31 @@ pub fn block_device_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
 
 /// `_IOR(0x12, 114, size_t)` from <linux/fs.h>.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// Copy `dst.len()` bytes out of the memory the slices describe, starting
+/// `skip` bytes in.
+///
+/// # Safety
+/// Every `IoSlice` must describe memory valid for reads of its length for
+/// the duration of the call.
+pub unsafe fn copy_from_slices(iov: &[IoSlice], mut skip: usize, dst: &mut [u8]) -> usize {
+    let mut done = 0;
+    for s in iov {
+        if done == dst.len() {
+            break;
+        }
+        if skip >= s.len {
+            skip -= s.len;
+            continue;
+        }
+        let n = (s.len - skip).min(dst.len() - done);
+        // SAFETY: the caller guarantees `s` is readable for `s.len` bytes,
+        // and `skip + n <= s.len`; `dst[done..done + n]` is in bounds.
+        unsafe {
+            std::ptr::copy_nonoverlapping((s.base + skip) as *const u8, dst[done..].as_mut_ptr(), n)
+        };
+        done += n;
+        skip = 0;
+    }
+    done
+}

@@ -8,6 +8,8 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
 use super::{BlockError, Engine, NullEngine, SyncEngine, UringEngine};
 use crate::sys;
 
@@ -185,13 +187,20 @@ impl Disk {
     /// A new engine for one queue worker, allowing `depth` operations in
     /// flight.
     pub fn new_engine(&self, depth: usize) -> Result<Box<dyn Engine>, BlockError> {
+        let event = || EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd);
         Ok(match (self.engine, &self.file) {
-            (EngineKind::IoUring, Some(file)) => {
-                Box::new(UringEngine::new(file.clone(), self.direct.clone(), depth)?)
-            }
-            (EngineKind::Sync, Some(file)) => {
-                Box::new(SyncEngine::new(file.clone(), self.direct.clone(), depth)?)
-            }
+            (EngineKind::IoUring, Some(file)) => Box::new(UringEngine::new(
+                file.clone(),
+                self.direct.clone(),
+                depth,
+                event()?,
+            )?),
+            (EngineKind::Sync, Some(file)) => Box::new(SyncEngine::new(
+                file.clone(),
+                self.direct.clone(),
+                depth,
+                event()?,
+            )?),
             _ => Box::new(NullEngine::new(depth)?),
         })
     }

@@ -129,9 +129,11 @@ pub struct Completion {
 ///
 /// Operations are queued with [`push`](Engine::push), handed to the kernel
 /// with [`submit`](Engine::submit), and come back through
-/// [`reap`](Engine::reap) in any order. The fd returned by
-/// [`notifier`](Engine::notifier) becomes readable when completions are
-/// waiting; register it with the worker's event loop.
+/// [`reap`](Engine::reap) in any order. Call `reap` right after `submit`:
+/// operations that finished before `submit` returned (page-cache hits,
+/// synchronous engines) do not signal the notifier. The fd returned by
+/// [`notifier`](Engine::notifier) becomes readable when operations finish
+/// later; register it with the worker's event loop.
 pub trait Engine: Send {
     /// Queue an operation. When the engine is at capacity the operation is
     /// handed back untouched with [`BlockError::QueueFull`].

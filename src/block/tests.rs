@@ -240,3 +240,34 @@ fn readonly_disks_open_read_only() {
     // The fd itself refuses writes (EBADF), whatever the layers above do.
     assert!(run(e.as_mut(), Op::write(0, vec![slice(&mut buf)])).is_err());
 }
+
+/// The worker sleeps in epoll until the notifier fires: an operation that
+/// finishes after `submit` returned must make it readable, for page-cache
+/// and O_DIRECT I/O alike (O_DIRECT completes from interrupt context).
+#[test]
+fn the_notifier_fires_for_late_completions() {
+    for direct in [false, true] {
+        let f = file();
+        let disk = open(&f, EngineKind::IoUring, direct);
+        let mut e = disk.new_engine(8).unwrap();
+        let (mut a, ao) = aligned(65536);
+        e.push(Op::write(0, vec![slice(&mut a[ao..ao + 65536])]), 1)
+            .unwrap();
+        e.submit().unwrap();
+        let mut out = Vec::new();
+        e.reap(&mut out);
+        if out.is_empty() {
+            let mut pfd = libc::pollfd {
+                fd: e.notifier(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+            assert_eq!(n, 1, "direct={direct}: the notifier never fired");
+            e.ack_notifier();
+            e.reap(&mut out);
+        }
+        assert_eq!(out.len(), 1, "direct={direct}");
+    }
+}

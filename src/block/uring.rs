@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{fallocate_mode, is_unsupported, zero_range_slow, DirectFile};
 use super::sync::advance;
@@ -42,6 +42,8 @@ pub struct UringEngine {
     write_through: bool,
     /// Cleared the first time the filesystem refuses FALLOC_FL_ZERO_RANGE.
     zero_range: bool,
+    /// Reused buffer for reaped CQEs.
+    cqes: Vec<(u32, i32)>,
 }
 
 impl UringEngine {
@@ -65,14 +67,20 @@ impl UringEngine {
         .all(|&c| probe.is_supported(c))
     }
 
+    /// A ring on `file` whose completions signal `event` (which may be
+    /// shared with other engines that feed the same worker).
     pub(super) fn new(
         file: Arc<File>,
         direct: Option<DirectFile>,
         depth: usize,
+        event: EventFd,
     ) -> Result<Self, BlockError> {
         let depth = depth.clamp(1, 4096);
         let ring = IoUring::new(depth.next_power_of_two() as u32).map_err(BlockError::Uring)?;
-        let event = EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?;
+        // Every CQE signals the eventfd. (IORING_REGISTER_EVENTFD_ASYNC
+        // would skip inline page-cache completions, but it only signals
+        // completions posted by io-wq workers, so O_DIRECT completions
+        // from interrupt context would never wake the worker.)
         ring.submitter()
             .register_eventfd(event.as_raw_fd())
             .map_err(BlockError::Uring)?;
@@ -87,6 +95,7 @@ impl UringEngine {
             in_flight: 0,
             write_through: false,
             zero_range: true,
+            cqes: Vec::with_capacity(depth),
         })
     }
 
@@ -247,22 +256,30 @@ impl Engine for UringEngine {
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
         loop {
-            let cqes: Vec<(u32, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data() as u32, c.result()))
-                .collect();
+            let mut cqes = std::mem::take(&mut self.cqes);
+            cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data() as u32, c.result())),
+            );
             if cqes.is_empty() {
+                self.cqes = cqes;
                 break;
             }
-            for (idx, res) in cqes {
+            for &(idx, res) in &cqes {
                 if let Err(e) = self.complete_cqe(idx, res) {
                     log::error!("resubmitting a short transfer: {e}");
                     self.finish(idx, Err(io::Error::from_raw_os_error(libc::EIO)));
                 }
             }
-            if let Err(e) = self.ring.submit() {
-                log::error!("io_uring submit: {e}");
+            cqes.clear();
+            self.cqes = cqes;
+            // Short transfers were queued again: hand them over and look
+            // for completions once more (they may finish inline).
+            if !self.ring.submission().is_empty() {
+                if let Err(e) = self.ring.submit() {
+                    log::error!("io_uring submit: {e}");
+                }
             }
         }
         out.extend(self.ready.drain(..));

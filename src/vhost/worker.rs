@@ -5,6 +5,8 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -56,7 +58,7 @@ struct Pending {
     /// Read targets, for dirty logging.
     read_regions: Vec<Region>,
     /// Keeps the guest memory the engine reads and writes mapped.
-    _mem: Arc<Mem>,
+    mem: Arc<Mem>,
     is_write: bool,
     bytes: u64,
 }
@@ -128,11 +130,10 @@ impl QueueWorker {
             self.vring = Some(vring.clone());
         }
         self.engine.set_write_through(!cfg.writeback());
-        let mem = self.mem.memory().into_inner();
+        let mut mem = self.mem.memory().into_inner();
         let mut state = vring.get_mut();
-        let mut signal = false;
         // Completions first: they free slots and make the used ring current.
-        signal |= self.reap(&mut state, &mem, dirty_log)?;
+        let mut signal = self.reap(&mut state, dirty_log)?;
         loop {
             if event_idx {
                 state
@@ -141,19 +142,33 @@ impl QueueWorker {
                     .map_err(QueueError::UsedRing)?;
             }
             loop {
+                // A driver publishes a chain only after the frontend has
+                // mapped the memory it uses (ADD_MEM_REG is acknowledged
+                // first). Read the avail index, then take a memory view at
+                // least that new, and take no chain beyond that index.
+                let queue = state.get_queue();
+                let avail = queue
+                    .avail_idx(&*mem, Ordering::Acquire)
+                    .map_err(QueueError::BrokenRing)?;
+                let pending = (avail - Wrapping(queue.next_avail())).0;
+                if pending == 0 {
+                    break;
+                }
+                mem = self.mem.memory().into_inner();
+                let size = state.get_queue().size();
                 let chains: Vec<_> = state
                     .get_queue_mut()
                     .iter(&*mem)
                     .map_err(QueueError::BrokenRing)?
+                    .take(usize::from(pending))
                     .collect();
-                if chains.is_empty() {
-                    break;
-                }
-                let size = state.get_queue().size();
                 for chain in chains {
                     signal |= self.start(chain, size, cfg, &mem, &mut state)?;
                 }
                 self.submit();
+                // Page-cache hits complete inside the submit call: finish
+                // them now instead of on the next wake-up.
+                signal |= self.reap(&mut state, dirty_log)?;
             }
             if !event_idx
                 || !state
@@ -175,7 +190,7 @@ impl QueueWorker {
         self.engine.ack_notifier();
         let mem = self.mem.memory().into_inner();
         let mut state = vring.get_mut();
-        if self.reap(&mut state, &mem, dirty_log)? {
+        if self.reap(&mut state, dirty_log)? {
             self.signal(&mut state, &mem)?;
         }
         Ok(())
@@ -196,7 +211,7 @@ impl QueueWorker {
                 break;
             }
             let mut state = vring.get_mut();
-            match self.reap(&mut state, &mem, dirty_log) {
+            match self.reap(&mut state, dirty_log) {
                 Ok(true) => {
                     let _ = self.signal(&mut state, &mem);
                 }
@@ -355,7 +370,7 @@ impl QueueWorker {
             parts,
             used_len: if is_read { req.data_len + 1 } else { 1 },
             read_regions: if is_read { req.data } else { Vec::new() },
-            _mem: mem.clone(),
+            mem: mem.clone(),
             is_write,
             bytes: u64::from(req.data_len),
         });
@@ -380,60 +395,66 @@ impl QueueWorker {
     fn reap(
         &mut self,
         state: &mut VringStateMutGuardOf<'_>,
-        mem: &Mem,
         dirty_log: bool,
     ) -> Result<bool, QueueError> {
-        self.engine.reap(&mut self.completions);
-        if self.completions.is_empty() {
-            return Ok(false);
-        }
-        let mut done = std::mem::take(&mut self.completions);
-        for c in done.drain(..) {
-            let slot = c.user_data as usize;
-            let Some(p) = self.pending.get_mut(slot).and_then(Option::as_mut) else {
-                continue;
-            };
-            if let Err(e) = &c.result {
-                log::warn!(
-                    "queue {}: I/O for request {} failed: {e}",
-                    self.index,
-                    p.head
-                );
-                p.status = status::IOERR;
+        let mut changed = false;
+        loop {
+            self.engine.reap(&mut self.completions);
+            if self.completions.is_empty() {
+                return Ok(changed);
             }
-            p.parts -= 1;
-            if p.parts > 0 {
-                continue;
-            }
-            let p = self.pending[slot].take().expect("checked above");
-            self.free.push(slot as u32);
-            if p.status == status::OK {
-                if dirty_log {
-                    mark_dirty(mem, &p.read_regions);
+            changed = true;
+            let mut done = std::mem::take(&mut self.completions);
+            for c in done.drain(..) {
+                let slot = c.user_data as usize;
+                let Some(p) = self.pending.get_mut(slot).and_then(Option::as_mut) else {
+                    continue;
+                };
+                if let Err(e) = &c.result {
+                    log::warn!(
+                        "queue {}: I/O for request {} failed: {e}",
+                        self.index,
+                        p.head
+                    );
+                    p.status = status::IOERR;
                 }
-                self.stats
-                    .record(p.is_write, !p.read_regions.is_empty(), p.bytes);
-            } else {
-                self.stats.errors.inc();
+                p.parts -= 1;
+                if p.parts > 0 {
+                    continue;
+                }
+                let p = self.pending[slot].take().expect("checked above");
+                self.free.push(slot as u32);
+                if p.status == status::OK {
+                    if dirty_log {
+                        mark_dirty(&p.mem, &p.read_regions);
+                    }
+                    self.stats
+                        .record(p.is_write, !p.read_regions.is_empty(), p.bytes);
+                } else {
+                    self.stats.errors.inc();
+                }
+                // The request's own view of guest memory: the one its
+                // addresses were checked against.
+                let mem = &*p.mem;
+                let _ = mem.write_obj(p.status, p.status_addr);
+                let used = if p.status == status::OK {
+                    p.used_len
+                } else {
+                    1
+                };
+                self.heads[usize::from(p.head)] = false;
+                state
+                    .get_queue_mut()
+                    .add_used(mem, p.head, used)
+                    .map_err(QueueError::UsedRing)?;
             }
-            let _ = mem.write_obj(p.status, p.status_addr);
-            let used = if p.status == status::OK {
-                p.used_len
-            } else {
-                1
-            };
-            self.heads[usize::from(p.head)] = false;
-            state
-                .get_queue_mut()
-                .add_used(mem, p.head, used)
-                .map_err(QueueError::UsedRing)?;
+            self.completions = done;
+            // Slots freed: operations waiting for the engine may go now; what
+            // finishes inside that submit is reaped by the next round.
+            if !self.backlog.is_empty() {
+                self.submit();
+            }
         }
-        self.completions = done;
-        // Slots freed: operations waiting for the engine may go now.
-        if !self.backlog.is_empty() {
-            self.submit();
-        }
-        Ok(true)
     }
 
     fn signal(&self, state: &mut VringStateMutGuardOf<'_>, mem: &Mem) -> Result<(), QueueError> {

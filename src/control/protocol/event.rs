@@ -1,0 +1,103 @@
+//! Events streamed to `watch` connections, and progress of long calls.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// How far a long call (fetch, full copy) has got, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u64,
+    /// Unknown for a download without a length.
+    pub total: Option<u64>,
+}
+
+impl Progress {
+    pub fn finished(&self) -> bool {
+        self.total.is_some_and(|t| self.done >= t)
+    }
+}
+
+/// One event: `{"type": …, "at": <unix ms>, …}` on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unix time in milliseconds.
+    pub at: u64,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+impl Event {
+    /// An event stamped with the current time.
+    pub fn now(kind: EventKind) -> Event {
+        Event {
+            at: unix_ms(),
+            kind,
+        }
+    }
+}
+
+impl From<EventKind> for Event {
+    fn from(kind: EventKind) -> Event {
+        Event::now(kind)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum EventKind {
+    #[serde(rename = "image.imported")]
+    ImageImported {
+        digest: String,
+        name: Option<String>,
+    },
+    /// Published by the control server while `image.fetch` runs.
+    #[serde(rename = "image.fetch_progress")]
+    ImageFetchProgress {
+        url: String,
+        done: u64,
+        total: Option<u64>,
+    },
+    #[serde(rename = "image.removed")]
+    ImageRemoved { digest: String },
+    #[serde(rename = "volume.created")]
+    VolumeCreated { name: String },
+    /// Published by the control server while a full copy runs.
+    #[serde(rename = "volume.copy_progress")]
+    VolumeCopyProgress {
+        name: String,
+        done: u64,
+        total: Option<u64>,
+    },
+    #[serde(rename = "volume.deleted")]
+    VolumeDeleted { name: String },
+    #[serde(rename = "volume.resized")]
+    VolumeResized { name: String, size: u64 },
+    #[serde(rename = "export.started")]
+    ExportStarted { volume: String, socket: PathBuf },
+    #[serde(rename = "export.stopped")]
+    ExportStopped { volume: String },
+    #[serde(rename = "export.connected")]
+    ExportConnected { volume: String },
+    #[serde(rename = "export.disconnected")]
+    ExportDisconnected { volume: String },
+    /// Progress of any other long call.
+    #[serde(rename = "progress")]
+    Progress {
+        method: String,
+        done: u64,
+        total: Option<u64>,
+    },
+    /// Sent to one watcher only: it read too slowly and `missed` events
+    /// were dropped for it.
+    #[serde(rename = "lagged")]
+    Lagged { missed: u64 },
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
