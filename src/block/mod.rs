@@ -157,6 +157,15 @@ pub trait Engine: Send {
     /// Make every write durable before it completes (the guest turned its
     /// write cache off).
     fn set_write_through(&mut self, _on: bool) {}
+    /// True when `reap` would return something, without a system call.
+    /// Engines that complete inside `push` never have anything late.
+    fn has_completions(&mut self) -> bool {
+        false
+    }
+    /// Turn the notifier off while the caller reaps by itself (polling),
+    /// and back on before it sleeps. After turning it on, check
+    /// `has_completions`: what finished in between signalled nothing.
+    fn set_notify(&mut self, _on: bool) {}
 }
 
 /// Wait for every operation in flight and throw the completions away: what

@@ -319,6 +319,18 @@ impl Engine for UringEngine {
     fn set_write_through(&mut self, on: bool) {
         self.write_through = on;
     }
+
+    fn has_completions(&mut self) -> bool {
+        !self.ready.is_empty() || !self.ring.completion().is_empty()
+    }
+
+    fn set_notify(&mut self, on: bool) {
+        if on {
+            self.ring.completion().enable_eventfd();
+        } else {
+            self.ring.completion().disable_eventfd();
+        }
+    }
 }
 
 impl Drop for UringEngine {

@@ -134,7 +134,8 @@ impl Rig {
         self.worker
             .on_kick(&self.vring, &self.cfg, event_idx, false)?;
         for _ in 0..100 {
-            self.worker.on_completion(&self.vring, false)?;
+            self.worker
+                .on_completion(&self.vring, &self.cfg, event_idx, false)?;
             if self.worker.engine.in_flight() == 0 && self.worker.backlog.is_empty() {
                 break;
             }
