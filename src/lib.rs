@@ -7,6 +7,7 @@ pub mod block;
 pub mod cache;
 pub mod catalog;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod sys;
 pub mod vhost;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use super::*;
 
 fn digest(fill: char) -> String {
-    std::iter::repeat(fill).take(64).collect()
+    std::iter::repeat_n(fill, 64).collect()
 }
 
 fn image(d: &str, names: &[&str]) -> ImageRecord {
