@@ -83,7 +83,9 @@ impl AuthPolicy {
 fn supplementary_groups(pid: i32, uid: u32) -> io::Result<Vec<u32>> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     if real_uid(&status) != Some(uid) {
-        return Err(io::Error::other(format!("pid {pid} no longer has uid {uid}")));
+        return Err(io::Error::other(format!(
+            "pid {pid} no longer has uid {uid}"
+        )));
     }
     Ok(parse_groups(&status))
 }
@@ -100,7 +102,11 @@ fn parse_groups(status: &str) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -132,7 +138,9 @@ mod tests {
         assert!(p.check_with(&peer(0, 0), none).is_ok());
         assert!(p.check_with(&peer(1000, 990), none).is_ok());
         assert!(p.check_with(&peer(1000, 1000), none).is_err());
-        assert!(p.check_with(&peer(1000, 1000), |_| Ok(vec![27, 990])).is_ok());
+        assert!(p
+            .check_with(&peer(1000, 1000), |_| Ok(vec![27, 990]))
+            .is_ok());
         assert!(p
             .check_with(&peer(1000, 1000), |_| Err(io::ErrorKind::NotFound.into()))
             .is_err());

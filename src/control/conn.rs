@@ -34,7 +34,9 @@ pub(crate) async fn serve(stream: UnixStream, shared: Arc<Shared>) {
     if let Err(e) = verdict {
         log::info!("control: refused a peer: {e}");
         let err = ApiError::new(ErrorCode::PermissionDenied, e.to_string());
-        let _ = wr.write_all(error_line(&Value::Null, &err).as_bytes()).await;
+        let _ = wr
+            .write_all(error_line(&Value::Null, &err).as_bytes())
+            .await;
         let _ = wr.shutdown().await;
         return;
     }
@@ -100,7 +102,10 @@ async fn answer(wr: &mut OwnedWriteHalf, req: Request, shared: &Shared) -> io::R
                 "control: the service answered {method} with {:?}",
                 r.shape()
             );
-            let e = ApiError::new(ErrorCode::Internal, format!("wrong result type for {method}"));
+            let e = ApiError::new(
+                ErrorCode::Internal,
+                format!("wrong result type for {method}"),
+            );
             error_line(&id, &e)
         }
         Err(e) => error_line(&id, &e),
@@ -119,9 +124,7 @@ async fn run_call(
 ) -> io::Result<Result<Response, ApiError>> {
     let (reporter, mut progress) = Reporter::new(&call, shared.bus.clone());
     let service = shared.service.clone();
-    let mut task = tokio::task::spawn_blocking(move || {
-        service.call(call, &|p| reporter.report(p))
-    });
+    let mut task = tokio::task::spawn_blocking(move || service.call(call, &|p| reporter.report(p)));
     let mut open = want_progress;
     loop {
         tokio::select! {

@@ -112,8 +112,12 @@ pub type Rejected = (Value, ApiError);
 
 /// Parses one request line (without its newline).
 pub fn parse_request(line: &[u8]) -> Result<Request, Rejected> {
-    let value: Value = serde_json::from_slice(line)
-        .map_err(|e| (Value::Null, ApiError::new(ErrorCode::BadJson, e.to_string())))?;
+    let value: Value = serde_json::from_slice(line).map_err(|e| {
+        (
+            Value::Null,
+            ApiError::new(ErrorCode::BadJson, e.to_string()),
+        )
+    })?;
     let Value::Object(mut obj) = value else {
         return Err((Value::Null, bad_request("a request is a JSON object")));
     };
@@ -131,7 +135,9 @@ fn parse_envelope(mut obj: Map<String, Value>) -> Result<(bool, Call), ApiError>
         Some(Value::Number(n)) => {
             return Err(ApiError::new(
                 ErrorCode::UnsupportedVersion,
-                format!("protocol version {n} is not spoken here; this server speaks {PROTOCOL_VERSION}"),
+                format!(
+                "protocol version {n} is not spoken here; this server speaks {PROTOCOL_VERSION}"
+            ),
             ))
         }
         Some(_) => return Err(bad_request("`v` must be a number")),
@@ -266,7 +272,10 @@ fn line<T: Serialize>(t: &T) -> String {
 /// A line a client receives.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Incoming {
-    Result { id: Value, result: Value },
+    Result {
+        id: Value,
+        result: Value,
+    },
     /// `code` stays a string: a newer server may send codes this client
     /// does not know.
     Error {
@@ -274,7 +283,10 @@ pub enum Incoming {
         code: String,
         message: String,
     },
-    Progress { id: Value, progress: Progress },
+    Progress {
+        id: Value,
+        progress: Progress,
+    },
     /// The event object, kept as JSON so unknown event types still print.
     Event(Value),
 }
@@ -293,7 +305,11 @@ pub fn parse_incoming(line: &[u8]) -> Result<Incoming, String> {
     };
     match obj.get("v").and_then(Value::as_u64) {
         Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
-        other => return Err(format!("protocol version {other:?}, expected {PROTOCOL_VERSION}")),
+        other => {
+            return Err(format!(
+                "protocol version {other:?}, expected {PROTOCOL_VERSION}"
+            ))
+        }
     }
     let id = obj.remove("id").unwrap_or(Value::Null);
     if let Some(result) = obj.remove("result") {

@@ -244,9 +244,9 @@ impl Call {
                     }
                 }
                 match &p.serial {
-                    Some(s) if s.len() > ID_BYTES => Err(bad_request(format!(
-                        "`serial` is at most {ID_BYTES} bytes"
-                    ))),
+                    Some(s) if s.len() > ID_BYTES => {
+                        Err(bad_request(format!("`serial` is at most {ID_BYTES} bytes")))
+                    }
                     Some(s) if s.bytes().any(|b| !(0x20..0x7f).contains(&b)) => {
                         Err(bad_request("`serial` is printable ASCII only"))
                     }
@@ -289,7 +289,7 @@ fn absolute(field: &str, path: &Path) -> Result<(), ApiError> {
 }
 
 fn sectors(field: &str, size: Size) -> Result<(), ApiError> {
-    if size.0 == 0 || size.0 % SECTOR != 0 {
+    if size.0 == 0 || !size.0.is_multiple_of(SECTOR) {
         return Err(bad_request(format!(
             "`{field}` must be a non-zero multiple of {SECTOR} bytes, not {}",
             size.0

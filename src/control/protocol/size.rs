@@ -54,7 +54,9 @@ impl Visitor<'_> for SizeVisitor {
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Size, E> {
-        Err(E::custom(format!("size {v} is not a whole number of bytes")))
+        Err(E::custom(format!(
+            "size {v} is not a whole number of bytes"
+        )))
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {

@@ -51,7 +51,10 @@ fn request_line_round_trips() {
 fn envelope_errors() {
     assert_eq!(code("{"), ErrorCode::BadJson);
     assert_eq!(code("[1]"), ErrorCode::BadRequest);
-    assert_eq!(code(r#"{"id":1,"method":"version"}"#), ErrorCode::BadRequest);
+    assert_eq!(
+        code(r#"{"id":1,"method":"version"}"#),
+        ErrorCode::BadRequest
+    );
     assert_eq!(
         code(r#"{"v":2,"id":1,"method":"version"}"#),
         ErrorCode::UnsupportedVersion
@@ -103,7 +106,10 @@ fn params_errors() {
         ErrorCode::BadRequest
     );
     assert_eq!(
-        code(&req("image.fetch", json!({"url": "http://x/a", "sha256": "abc"}))),
+        code(&req(
+            "image.fetch",
+            json!({"url": "http://x/a", "sha256": "abc"})
+        )),
         ErrorCode::BadRequest
     );
     assert_eq!(
@@ -141,7 +147,10 @@ fn every_call_has_a_shape_and_version_decodes() {
     )
     .unwrap();
     assert_eq!(v.shape(), Shape::Version);
-    let d = Response::decode(&Call::ExportStop(ExportRef { volume: "a".into() }), json!({}));
+    let d = Response::decode(
+        &Call::ExportStop(ExportRef { volume: "a".into() }),
+        json!({}),
+    );
     assert_eq!(d.unwrap(), Response::Done(Done {}));
 }
 
@@ -207,5 +216,61 @@ fn error_codes_serialise_as_their_names() {
     ];
     for c in all {
         assert_eq!(serde_json::to_value(c).unwrap(), json!(c.as_str()));
+    }
+}
+
+mod prop {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    use super::super::*;
+
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[a-z0-9./:_ -]{0,12}".prop_map(Value::from),
+            Just(json!("/abs/path.img")),
+            Just(json!("1G")),
+            Just(json!([1, 2])),
+            Just(json!({"a": 1})),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_request(&bytes);
+        }
+
+        /// Whatever the parameters, a known method is either accepted or
+        /// refused as a bad request or a bad name, never anything else.
+        #[test]
+        fn random_params_are_refused_cleanly(
+            method in proptest::sample::select(Call::METHODS),
+            params in proptest::collection::btree_map(
+                prop_oneof![
+                    Just("name".to_string()), Just("image".to_string()),
+                    Just("file".to_string()), Just("size".to_string()),
+                    Just("volume".to_string()), Just("full".to_string()),
+                    "[a-z]{1,6}",
+                ],
+                value(),
+                0..4,
+            ),
+        ) {
+            let line = json!({"v": 1, "id": 1, "method": method, "params": params}).to_string();
+            match parse_request(line.as_bytes()) {
+                Ok(req) => prop_assert_eq!(req.call.method(), method),
+                Err((id, e)) => {
+                    prop_assert_eq!(id, json!(1));
+                    prop_assert!(
+                        matches!(e.code, ErrorCode::BadRequest | ErrorCode::BadName),
+                        "{}", e
+                    );
+                }
+            }
+        }
     }
 }
