@@ -264,7 +264,10 @@ impl QueueWorker {
             if Instant::now() >= deadline {
                 return Ok(false);
             }
-            std::hint::spin_loop();
+            // Yield rather than spin: when queue workers share a core (more
+            // queues than cores, or a pinned daemon) a spinning worker would
+            // hold the core for its whole time slice while another has work.
+            std::thread::yield_now();
         }
     }
 
