@@ -10,6 +10,7 @@
 
 mod disk;
 mod null;
+mod overlay;
 mod sync;
 mod uring;
 
@@ -18,6 +19,7 @@ use std::os::fd::RawFd;
 
 pub use disk::{Disk, DiskSource, EngineKind, OpenOptions};
 pub use null::NullEngine;
+pub use overlay::{Overlay, OverlayEngine, OverlayError, CLUSTER_SIZE};
 pub use sync::SyncEngine;
 pub use uring::UringEngine;
 
