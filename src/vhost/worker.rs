@@ -436,7 +436,9 @@ impl QueueWorker {
                 false,
                 false,
             ),
-            Kind::GetId => unreachable!("GET_ID completes without the engine"),
+            // GET_ID completes in `start`; were one to get here, it fails
+            // as IOERR (no operations) rather than bringing the queue down.
+            Kind::GetId => (Vec::new(), false, false),
         };
         let slot = match self.free.pop() {
             Some(s) => s,
