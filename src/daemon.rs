@@ -1,7 +1,7 @@
 //! vdiskd's life: read the configuration, open every export, tell systemd
 //! we are ready, and on SIGTERM/SIGINT drain, flush and exit 0.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -12,6 +12,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::block::{BlockError, Disk, OpenOptions};
 use crate::config::{self, ConfigError, ExportSource, ExportSpec, FileConfig};
+use crate::control::{AuthPolicy, EventBus, Server as ControlServer};
+use crate::service::Daemon;
 use crate::vhost::server::{Server, ServerError};
 use crate::vhost::{BlockDevice, DeviceConfig};
 
@@ -45,12 +47,22 @@ pub enum DaemonError {
     Disk { name: String, source: BlockError },
     #[error("export {name}")]
     Server { name: String, source: ServerError },
-    #[error("export {name}: volume exports need the catalog, which this build does not have yet")]
+    #[error("export {name}: volume exports are served by the service (Daemon::start_flag_export)")]
     NoCatalog { name: String },
+    #[error("export {name}")]
+    Volume {
+        name: String,
+        source: crate::control::ApiError,
+    },
     #[error("two exports use the socket {0}")]
     DuplicateSocket(String),
-    #[error("no exports: give --export SPEC or [[export]] tables in the config file")]
-    NoExports,
+    #[error("cannot open the state in {path}")]
+    Service {
+        path: String,
+        source: crate::service::StartError,
+    },
+    #[error("cannot start the control socket")]
+    Control(#[source] crate::control::ServerError),
     #[error("cannot create the state directory {path}")]
     StateDir {
         path: String,
@@ -94,7 +106,8 @@ impl Settings {
     }
 }
 
-/// Open one export's disk and device and start serving it.
+/// Open one export's disk and device and start serving it. `volume=`
+/// exports go through the service instead ([`Daemon::start_flag_export`]).
 pub fn start_export(spec: &ExportSpec) -> Result<Server, DaemonError> {
     let name = spec
         .socket
@@ -138,9 +151,6 @@ pub fn start_export(spec: &ExportSpec) -> Result<Server, DaemonError> {
 /// Run until SIGTERM or SIGINT. Returns once everything is drained and
 /// flushed.
 pub fn run(settings: Settings) -> Result<(), DaemonError> {
-    if settings.exports.is_empty() {
-        return Err(DaemonError::NoExports);
-    }
     let mut sockets: Vec<&PathBuf> = settings.exports.iter().map(|e| &e.socket).collect();
     sockets.sort();
     if let Some(w) = sockets.windows(2).find(|w| w[0] == w[1]) {
@@ -151,20 +161,60 @@ pub fn run(settings: Settings) -> Result<(), DaemonError> {
         source,
     })?;
     let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    let bus = EventBus::new();
+    let socket_dir = settings
+        .control
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let service = Arc::new(
+        Daemon::open(&settings.state_dir, &socket_dir, bus.clone()).map_err(|source| {
+            DaemonError::Service {
+                path: settings.state_dir.display().to_string(),
+                source,
+            }
+        })?,
+    );
+    let auth = AuthPolicy::root_and_groups(group_gid(VDISK_GROUP).into_iter().collect());
+    let control = match ControlServer::start(&settings.control, service.clone(), bus, auth) {
+        Ok(c) => c,
+        Err(e) => {
+            service.shutdown();
+            return Err(DaemonError::Control(e));
+        }
+    };
     let mut servers = Vec::new();
     for spec in &settings.exports {
-        match start_export(spec) {
-            Ok(s) => servers.push(s),
+        let started = match &spec.source {
+            ExportSource::Volume(volume) => {
+                service
+                    .start_flag_export(spec)
+                    .map_err(|source| DaemonError::Volume {
+                        name: volume.clone(),
+                        source,
+                    })
+            }
+            ExportSource::Disk(_) => start_export(spec).map(|s| servers.push(s)),
+        };
+        match started {
+            Ok(()) => {}
             Err(e) => {
                 for s in servers {
                     s.stop();
                 }
+                service.shutdown();
+                control.stop();
                 return Err(e);
             }
         }
     }
     notify_systemd("READY=1");
-    log::info!("vdiskd ready: {} export(s)", servers.len());
+    log::info!(
+        "vdiskd ready: {} file/null export(s), {} volume export(s), control socket {}",
+        servers.len(),
+        service.export_count(),
+        settings.control.display()
+    );
     if let Some(sig) = signals.forever().next() {
         log::info!("signal {sig}: draining and flushing");
     }
@@ -172,8 +222,23 @@ pub fn run(settings: Settings) -> Result<(), DaemonError> {
     for s in servers {
         s.stop();
     }
+    service.shutdown();
+    control.stop();
     log::info!("vdiskd stopped");
     Ok(())
+}
+
+/// The group whose members may use the control socket besides root.
+pub const VDISK_GROUP: &str = "vdisk";
+
+/// The gid of `name` from /etc/group, if the group exists.
+pub fn group_gid(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|line| {
+        let mut f = line.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
 }
 
 /// sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET.
@@ -237,9 +302,9 @@ pub fn main() -> std::process::ExitCode {
             }
             log::error!("{msg}");
             match e {
-                DaemonError::Config(_)
-                | DaemonError::NoExports
-                | DaemonError::DuplicateSocket(_) => std::process::ExitCode::from(2),
+                DaemonError::Config(_) | DaemonError::DuplicateSocket(_) => {
+                    std::process::ExitCode::from(2)
+                }
                 _ => std::process::ExitCode::FAILURE,
             }
         }

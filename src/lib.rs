@@ -9,5 +9,6 @@ pub mod catalog;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod service;
 pub mod sys;
 pub mod vhost;

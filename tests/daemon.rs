@@ -176,7 +176,6 @@ fn bad_command_lines_exit_2_with_a_clear_message() {
             ],
             "unknown key `colour`",
         ),
-        (vec![], "no exports"),
         (
             vec!["--config".into(), d.p("missing.toml").display().to_string()],
             "missing.toml",

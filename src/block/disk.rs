@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{BlockError, Engine, NullEngine, SyncEngine, UringEngine};
+use super::{BlockError, Engine, NullEngine, Overlay, OverlayEngine, SyncEngine, UringEngine};
 use crate::sys;
 
 /// Where a disk's bytes live.
@@ -20,6 +20,13 @@ pub enum DiskSource {
     File(PathBuf),
     /// A device of this many bytes that reads zeros and drops writes.
     Null(u64),
+    /// A copy-on-write overlay (`data` + `bitmap`) over an optional base
+    /// image, served by [`OverlayEngine`].
+    Overlay {
+        data: PathBuf,
+        bitmap: PathBuf,
+        base: Option<PathBuf>,
+    },
 }
 
 /// Which engine serves a disk's queues.
@@ -68,14 +75,25 @@ impl DirectFile {
 }
 
 /// An open disk; engines are made from it, one per queue worker.
-#[derive(Debug)]
 pub struct Disk {
     source: DiskSource,
     file: Option<Arc<File>>,
+    overlay: Option<Arc<Overlay>>,
     direct: Option<DirectFile>,
     size: u64,
     readonly: bool,
     engine: EngineKind,
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("source", &self.source)
+            .field("size", &self.size)
+            .field("readonly", &self.readonly)
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Disk {
@@ -91,6 +109,7 @@ impl Disk {
                 Ok(Disk {
                     source: source.clone(),
                     file: None,
+                    overlay: None,
                     direct: None,
                     size: *size,
                     readonly: opts.readonly,
@@ -98,7 +117,47 @@ impl Disk {
                 })
             }
             DiskSource::File(path) => Self::open_file(source, path, opts),
+            DiskSource::Overlay { data, bitmap, base } => {
+                Self::open_overlay(source, data, bitmap, base.as_deref(), opts)
+            }
         }
+    }
+
+    fn open_overlay(
+        source: &DiskSource,
+        data: &Path,
+        bitmap: &Path,
+        base: Option<&Path>,
+        opts: &OpenOptions,
+    ) -> Result<Disk, BlockError> {
+        let shown = data.display().to_string();
+        let ov = Overlay::open(data, bitmap, base).map_err(|e| BlockError::Open {
+            path: shown.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let size = ov.size();
+        if size == 0 || size % 512 != 0 {
+            return Err(BlockError::BadSize { path: shown, size });
+        }
+        let engine = choose_engine(&shown, opts);
+        log::info!(
+            "{shown}: overlay of {size} bytes over {}, engine {engine:?}",
+            base.map_or_else(|| "nothing".to_string(), |b| b.display().to_string())
+        );
+        Ok(Disk {
+            source: source.clone(),
+            file: None,
+            overlay: Some(Arc::new(ov)),
+            direct: None,
+            size,
+            readonly: opts.readonly,
+            engine,
+        })
+    }
+
+    /// The overlay behind this disk, if it is one.
+    pub fn overlay(&self) -> Option<&Arc<Overlay>> {
+        self.overlay.as_ref()
     }
 
     fn open_file(source: &DiskSource, path: &Path, opts: &OpenOptions) -> Result<Disk, BlockError> {
@@ -139,16 +198,7 @@ impl Disk {
         } else {
             None
         };
-        let engine = match opts.engine {
-            Some(EngineKind::Sync) => EngineKind::Sync,
-            _ if UringEngine::supported() => EngineKind::IoUring,
-            _ => {
-                log::warn!(
-                    "{shown}: io_uring is not usable here, serving with the synchronous engine"
-                );
-                EngineKind::Sync
-            }
-        };
+        let engine = choose_engine(&shown, opts);
         log::info!(
             "{shown}: {size} bytes, engine {engine:?}, {}",
             if opts.readonly {
@@ -160,6 +210,7 @@ impl Disk {
         Ok(Disk {
             source: source.clone(),
             file: Some(Arc::new(file)),
+            overlay: None,
             direct,
             size,
             readonly: opts.readonly,
@@ -188,6 +239,13 @@ impl Disk {
     /// flight.
     pub fn new_engine(&self, depth: usize) -> Result<Box<dyn Engine>, BlockError> {
         let event = || EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd);
+        if let Some(ov) = &self.overlay {
+            return Ok(Box::new(OverlayEngine::new(
+                ov.clone(),
+                self.engine,
+                depth,
+            )?));
+        }
         Ok(match (self.engine, &self.file) {
             (EngineKind::IoUring, Some(file)) => Box::new(UringEngine::new(
                 file.clone(),
@@ -207,9 +265,23 @@ impl Disk {
 
     /// Make every completed write durable, outside any engine (shutdown).
     pub fn sync(&self) -> io::Result<()> {
+        if let Some(ov) = &self.overlay {
+            return if self.readonly { Ok(()) } else { ov.flush() };
+        }
         match &self.file {
             Some(f) if !self.readonly => f.sync_data(),
             _ => Ok(()),
+        }
+    }
+}
+
+fn choose_engine(shown: &str, opts: &OpenOptions) -> EngineKind {
+    match opts.engine {
+        Some(EngineKind::Sync) => EngineKind::Sync,
+        _ if UringEngine::supported() => EngineKind::IoUring,
+        _ => {
+            log::warn!("{shown}: io_uring is not usable here, serving with the synchronous engine");
+            EngineKind::Sync
         }
     }
 }

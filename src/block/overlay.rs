@@ -285,6 +285,40 @@ impl Overlay {
         }
     }
 
+    /// Write, to the new file `path`, the bitmap of this overlay grown to
+    /// `new_size` bytes (the same clusters allocated), fsynced. Growing is
+    /// then: this, extend the data file to `new_size`, rename `path` over
+    /// the bitmap. A crash before the rename leaves `path` beside a bitmap
+    /// that still opens if the data file was not extended; after the data
+    /// file was extended only `path` opens with it.
+    pub fn write_grown_bitmap(&self, path: &Path, new_size: u64) -> Result<(), OverlayError> {
+        if new_size < self.size {
+            return Err(OverlayError::SizeMismatch {
+                path: path.display().to_string(),
+                found: new_size,
+                expected: self.size,
+            });
+        }
+        let _meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bm: Vec<u8> = self
+            .bits
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
+            .collect();
+        bm.resize(bitmap_bytes(new_size) as usize, 0);
+        let b = File::options()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        b.set_len(2 * slot_len(new_size)).map_err(io_err(path))?;
+        b.write_all_at(&header(new_size, 1, &bm), 0)
+            .and_then(|_| b.write_all_at(&bm, HEADER))
+            .and_then(|_| b.sync_all())
+            .map_err(io_err(path))?;
+        Ok(())
+    }
+
     /// Read `buf.len()` bytes of the base at `offset`, zeros past its end.
     fn read_base(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         buf.fill(0);

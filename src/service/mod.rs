@@ -1,0 +1,827 @@
+//! The daemon's storage logic behind the control socket: the catalog, the
+//! image cache, volumes under `<state>/volumes/<name>/` and the running
+//! exports. `control/` parses and routes calls; this module carries them
+//! out (see [`crate::control::Service`]).
+
+mod errors;
+pub mod files;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::block::{Disk, DiskSource, EngineKind, OpenOptions, Overlay};
+use crate::cache::ImageCache;
+use crate::catalog::{self, Catalog, ExportRecord, ImageRecord, VolumeKind, VolumeRecord};
+use crate::config::{ExportSource, ExportSpec};
+use crate::control::protocol::{
+    CacheStats, Done, ExportInfo, ExportList, ExportStart, ImageFormat, ImageInfo, ImageList,
+    IoCounters, RawExported, VolumeCreate, VolumeInfo, VolumeList, VolumeStats,
+};
+use crate::control::{
+    ApiError, Call, ErrorCode, EventBus, EventKind, Progress, Response, Service, StatsResult,
+};
+use crate::vhost::config::ID_BYTES;
+use crate::vhost::server::Server;
+use crate::vhost::{BlockDevice, DeviceConfig};
+
+pub use errors::{cache_err, catalog_err, io_api};
+
+/// Where the volumes live under the state directory.
+pub const VOLUMES_DIR: &str = "volumes";
+/// A volume's data file (raw content, or an overlay's clusters).
+pub const DATA_FILE: &str = "data";
+/// An overlay volume's allocation bitmap.
+pub const BITMAP_FILE: &str = "bitmap";
+/// The bitmap of an overlay being grown, until it replaces [`BITMAP_FILE`].
+pub const GROWN_BITMAP_FILE: &str = "bitmap.grown";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Catalog(#[from] catalog::CatalogError),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+    #[error("cannot create {path}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A running export.
+struct Running {
+    rec: ExportRecord,
+    server: Server,
+    disk: Arc<Disk>,
+    /// Recorded in the catalog (started by `export.start`), as opposed to
+    /// a `--export volume=` flag.
+    persistent: bool,
+}
+
+/// How an export serves its disk beyond what the catalog records.
+struct ServeOptions {
+    block_size: u32,
+    direct: bool,
+    engine: Option<EngineKind>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            block_size: 512,
+            direct: false,
+            engine: None,
+        }
+    }
+}
+
+/// The service vdiskd runs: implements [`Service`].
+pub struct Daemon {
+    volumes_dir: PathBuf,
+    /// Default directory for export sockets (the control socket's).
+    socket_dir: PathBuf,
+    catalog: Arc<Catalog>,
+    cache: ImageCache,
+    bus: EventBus,
+    /// Running exports by volume. Held across every volume or export
+    /// change, so that those take turns.
+    exports: Mutex<HashMap<String, Running>>,
+}
+
+impl Daemon {
+    /// Open the catalog and the image cache under `state_dir`, roll back
+    /// volumes a crash left half-made, and restart every recorded export.
+    pub fn open(state_dir: &Path, socket_dir: &Path, bus: EventBus) -> Result<Daemon, StartError> {
+        let catalog = Arc::new(Catalog::open(state_dir)?);
+        let cache = ImageCache::open(state_dir, catalog.clone(), None)?;
+        let volumes_dir = state_dir.join(VOLUMES_DIR);
+        std::fs::create_dir_all(&volumes_dir).map_err(|source| StartError::Dir {
+            path: volumes_dir.display().to_string(),
+            source,
+        })?;
+        let d = Daemon {
+            volumes_dir,
+            socket_dir: socket_dir.to_path_buf(),
+            catalog,
+            cache,
+            bus,
+            exports: Mutex::new(HashMap::new()),
+        };
+        for v in d.catalog.incomplete_volumes()? {
+            log::warn!(
+                "volume {}: left half-made by a crash, rolling it back",
+                v.name
+            );
+            let dir = d.volume_dir(&v.name);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::error!("volume {}: cannot remove {}: {e}", v.name, dir.display());
+                }
+            }
+            d.catalog.remove_volume(&v.name)?;
+        }
+        d.finish_grows()?;
+        let recs = d.catalog.exports()?;
+        let mut running = d.lock();
+        for rec in recs {
+            match d.start_server(&rec, &ServeOptions::default(), true) {
+                Ok(r) => {
+                    running.insert(rec.volume.clone(), r);
+                }
+                Err(e) => log::error!("export {}: cannot restart: {e}", rec.volume),
+            }
+        }
+        drop(running);
+        Ok(d)
+    }
+
+    /// Serve a `--export volume=NAME` from the command line. It is not
+    /// recorded in the catalog (the flag brings it back at the next start)
+    /// but counts as exported like any other.
+    pub fn start_flag_export(&self, spec: &ExportSpec) -> Result<(), ApiError> {
+        let ExportSource::Volume(volume) = &spec.source else {
+            return Err(ApiError::new(ErrorCode::BadRequest, "not a volume export"));
+        };
+        let rec = ExportRecord {
+            volume: volume.clone(),
+            socket: spec.socket.clone(),
+            queues: spec.queues,
+            readonly: spec.readonly,
+            serial: spec.serial.clone(),
+        };
+        let serve = ServeOptions {
+            block_size: spec.block_size,
+            direct: spec.direct,
+            engine: spec.engine,
+        };
+        let mut running = self.lock();
+        self.check_free(&running, &rec)?;
+        let r = self.start_server(&rec, &serve, false)?;
+        running.insert(rec.volume.clone(), r);
+        Ok(())
+    }
+
+    fn check_free(
+        &self,
+        running: &HashMap<String, Running>,
+        rec: &ExportRecord,
+    ) -> Result<(), ApiError> {
+        if running.contains_key(&rec.volume) {
+            return Err(ApiError::new(
+                ErrorCode::Exists,
+                format!("volume `{}` is already exported", rec.volume),
+            ));
+        }
+        if running.values().any(|r| r.rec.socket == rec.socket) {
+            return Err(ApiError::new(
+                ErrorCode::Exists,
+                format!(
+                    "socket {} is in use by another export",
+                    rec.socket.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How many exports are being served.
+    pub fn export_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Stop every export (drain, flush, remove the sockets). The catalog
+    /// keeps them: they come back at the next start.
+    pub fn shutdown(&self) {
+        let running: Vec<Running> = self.lock().drain().map(|(_, r)| r).collect();
+        for r in running {
+            r.server.stop();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Running>> {
+        self.exports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn volume_dir(&self, name: &str) -> PathBuf {
+        self.volumes_dir.join(name)
+    }
+
+    fn disk_source(&self, v: &VolumeRecord) -> DiskSource {
+        match v.kind {
+            VolumeKind::Overlay => DiskSource::Overlay {
+                data: v.path.clone(),
+                bitmap: self.volume_dir(&v.name).join(BITMAP_FILE),
+                base: v.base.as_ref().map(|d| self.cache.path(d)),
+            },
+            VolumeKind::Empty | VolumeKind::Full => DiskSource::File(v.path.clone()),
+        }
+    }
+
+    fn start_server(
+        &self,
+        rec: &ExportRecord,
+        serve: &ServeOptions,
+        persistent: bool,
+    ) -> Result<Running, ApiError> {
+        let v = self.catalog.volume(&rec.volume).map_err(catalog_err)?;
+        if v.state != catalog::VolumeState::Ready {
+            return Err(ApiError::new(
+                ErrorCode::InUse,
+                format!("volume `{}` is still being created", v.name),
+            ));
+        }
+        let opts = OpenOptions {
+            readonly: rec.readonly,
+            direct: serve.direct,
+            engine: serve.engine,
+        };
+        let disk = Disk::open(&self.disk_source(&v), &opts)
+            .map_err(|e| ApiError::new(ErrorCode::Io, errors::chain(&e)))?;
+        let mut serial = rec
+            .serial
+            .clone()
+            .unwrap_or_else(|| v.name.clone())
+            .into_bytes();
+        serial.truncate(ID_BYTES);
+        let cfg = DeviceConfig {
+            size: disk.size(),
+            num_queues: rec.queues,
+            queue_size: crate::vhost::device::MAX_QUEUE_SIZE as u16,
+            readonly: rec.readonly,
+            block_size: serve.block_size,
+            serial,
+            writeback: AtomicBool::new(true),
+        };
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let device = BlockDevice::new(&v.name, &disk, cfg, mem)
+            .map_err(|e| ApiError::new(ErrorCode::Io, errors::chain(&e)))?;
+        let disk = Arc::new(disk);
+        let server = Server::start(&v.name, &rec.socket, Arc::new(device), disk.clone())
+            .map_err(|e| ApiError::new(ErrorCode::Io, errors::chain(&e)))?;
+        Ok(Running {
+            rec: rec.clone(),
+            server,
+            disk,
+            persistent,
+        })
+    }
+
+    fn publish(&self, kind: EventKind) {
+        self.bus.publish(kind.into());
+    }
+
+    fn volume_info(&self, v: &VolumeRecord, exported: bool) -> VolumeInfo {
+        use crate::control::protocol::{VolumeKind as K, VolumeState as S};
+        VolumeInfo {
+            name: v.name.clone(),
+            kind: match v.kind {
+                VolumeKind::Overlay => K::Overlay,
+                VolumeKind::Empty | VolumeKind::Full => K::Raw,
+            },
+            base: v.base.clone(),
+            size: v.size,
+            allocated_bytes: files::allocated(&v.path).unwrap_or(0),
+            state: match v.state {
+                catalog::VolumeState::Creating => S::Creating,
+                catalog::VolumeState::Ready => S::Ready,
+            },
+            exported,
+        }
+    }
+
+    fn export_info(r: &Running) -> ExportInfo {
+        let s = r.server.stats();
+        ExportInfo {
+            volume: r.rec.volume.clone(),
+            socket: r.rec.socket.clone(),
+            queues: r.rec.queues,
+            readonly: r.rec.readonly,
+            serial: r.rec.serial.clone(),
+            connected: r.server.connected(),
+            stats: IoCounters {
+                reads: s.reads,
+                writes: s.writes,
+                read_bytes: s.read_bytes,
+                write_bytes: s.write_bytes,
+                errors: s.errors,
+            },
+        }
+    }
+
+    fn volume_create(
+        &self,
+        p: &VolumeCreate,
+        progress: &dyn Fn(u64, Option<u64>),
+    ) -> Result<VolumeInfo, ApiError> {
+        let _running = self.lock();
+        let image = match &p.image {
+            Some(i) => Some(self.cache.show(i).map_err(cache_err)?),
+            None => None,
+        };
+        let kind = match (&image, p.full) {
+            (None, _) => VolumeKind::Empty,
+            (Some(_), false) => VolumeKind::Overlay,
+            (Some(_), true) => VolumeKind::Full,
+        };
+        let image_size = image.as_ref().map_or(0, |i| i.size.next_multiple_of(512));
+        let size = match p.size {
+            Some(s) if s.0 < image_size => {
+                return Err(ApiError::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "size {} is smaller than the image ({image_size} bytes)",
+                        s.0
+                    ),
+                ))
+            }
+            Some(s) => s.0,
+            None => image_size,
+        };
+        if size == 0 {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "a volume needs a size > 0",
+            ));
+        }
+        let dir = self.volume_dir(&p.name);
+        let rec = VolumeRecord {
+            name: p.name.clone(),
+            kind,
+            base: image.as_ref().map(|i| i.digest.clone()),
+            size,
+            path: dir.join(DATA_FILE),
+            state: catalog::VolumeState::Creating,
+            created: catalog::unix_now(),
+        };
+        self.catalog.begin_volume(&rec).map_err(catalog_err)?;
+        match self.make_volume_files(&rec, &dir, image.as_ref(), progress) {
+            Ok(()) => {}
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                let _ = self.catalog.remove_volume(&rec.name);
+                return Err(e);
+            }
+        }
+        self.catalog.finish_volume(&rec.name).map_err(catalog_err)?;
+        self.publish(EventKind::VolumeCreated {
+            name: rec.name.clone(),
+        });
+        let v = self.catalog.volume(&rec.name).map_err(catalog_err)?;
+        Ok(self.volume_info(&v, false))
+    }
+
+    fn make_volume_files(
+        &self,
+        rec: &VolumeRecord,
+        dir: &Path,
+        image: Option<&ImageRecord>,
+        progress: &dyn Fn(u64, Option<u64>),
+    ) -> Result<(), ApiError> {
+        // A directory left by an earlier failure has no row: it is garbage.
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io_api("remove", dir))?;
+        }
+        std::fs::create_dir_all(dir).map_err(io_api("create", dir))?;
+        let data = dir.join(DATA_FILE);
+        match rec.kind {
+            VolumeKind::Overlay => {
+                Overlay::create(&data, &dir.join(BITMAP_FILE), rec.size)
+                    .map_err(|e| ApiError::new(ErrorCode::Io, errors::chain(&e)))?;
+            }
+            VolumeKind::Empty | VolumeKind::Full => {
+                let f = File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(&data)
+                    .map_err(io_api("create", &data))?;
+                if let Some(img) = image {
+                    let src_path = self.cache.path(&img.digest);
+                    let src = File::open(&src_path).map_err(io_api("open", &src_path))?;
+                    let reflinked = files::clone_or_copy(&src, &f, &|done, total| {
+                        progress(done, total);
+                        self.publish(EventKind::VolumeCopyProgress {
+                            name: rec.name.clone(),
+                            done,
+                            total,
+                        });
+                    })
+                    .map_err(io_api("copy into", &data))?;
+                    log::info!(
+                        "volume {}: full copy of {} by {}",
+                        rec.name,
+                        img.digest,
+                        if reflinked { "reflink" } else { "sparse copy" }
+                    );
+                }
+                f.set_len(rec.size).map_err(io_api("size", &data))?;
+                f.sync_all().map_err(io_api("fsync", &data))?;
+            }
+        }
+        files::sync_dir(dir).map_err(io_api("fsync", dir))?;
+        files::sync_dir(&self.volumes_dir).map_err(io_api("fsync", &self.volumes_dir))?;
+        Ok(())
+    }
+
+    fn volume_delete(&self, name: &str) -> Result<(), ApiError> {
+        let running = self.lock();
+        if running.contains_key(name) {
+            return Err(ApiError::new(
+                ErrorCode::InUse,
+                format!("volume `{name}` is exported; stop the export first"),
+            ));
+        }
+        self.catalog.remove_volume(name).map_err(catalog_err)?;
+        let dir = self.volume_dir(name);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_api("remove", &dir)(e)),
+        }
+        drop(running);
+        self.publish(EventKind::VolumeDeleted { name: name.into() });
+        Ok(())
+    }
+
+    fn volume_resize(&self, name: &str, size: u64) -> Result<VolumeInfo, ApiError> {
+        let running = self.lock();
+        let v = self.catalog.volume(name).map_err(catalog_err)?;
+        if running.contains_key(name) {
+            return Err(ApiError::new(
+                ErrorCode::InUse,
+                format!(
+                    "volume `{name}` is exported; resizing a running export is not supported yet, \
+                     stop the export first"
+                ),
+            ));
+        }
+        if size < v.size {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("volumes only grow: `{name}` has {} bytes", v.size),
+            ));
+        }
+        if size > v.size {
+            match v.kind {
+                VolumeKind::Overlay => self.grow_overlay(&v, size)?,
+                VolumeKind::Empty | VolumeKind::Full => {
+                    let f = File::options()
+                        .write(true)
+                        .open(&v.path)
+                        .map_err(io_api("open", &v.path))?;
+                    f.set_len(size).map_err(io_api("resize", &v.path))?;
+                    f.sync_all().map_err(io_api("fsync", &v.path))?;
+                }
+            }
+            self.catalog
+                .set_volume_size(name, size)
+                .map_err(catalog_err)?;
+            self.publish(EventKind::VolumeResized {
+                name: name.into(),
+                size,
+            });
+        }
+        let v = self.catalog.volume(name).map_err(catalog_err)?;
+        Ok(self.volume_info(&v, false))
+    }
+
+    /// Grow an overlay that is not exported: a new bitmap beside the old
+    /// one, the data file extended, the new bitmap renamed over the old
+    /// ([`Overlay::write_grown_bitmap`]; [`Daemon::finish_grows`] completes
+    /// or undoes one a crash interrupted).
+    fn grow_overlay(&self, v: &VolumeRecord, size: u64) -> Result<(), ApiError> {
+        let DiskSource::Overlay { data, bitmap, base } = self.disk_source(v) else {
+            unreachable!("an overlay volume has an overlay source")
+        };
+        let dir = self.volume_dir(&v.name);
+        let new = dir.join(GROWN_BITMAP_FILE);
+        let _ = std::fs::remove_file(&new);
+        let ov = Overlay::open(&data, &bitmap, base.as_deref())
+            .map_err(|e| ApiError::new(ErrorCode::Io, errors::chain(&e)))?;
+        if let Err(e) = ov.write_grown_bitmap(&new, size) {
+            let _ = std::fs::remove_file(&new);
+            return Err(ApiError::new(ErrorCode::Io, errors::chain(&e)));
+        }
+        drop(ov);
+        let f = File::options()
+            .write(true)
+            .open(&data)
+            .map_err(io_api("open", &data))?;
+        if let Err(e) = f.set_len(size).and_then(|_| f.sync_all()) {
+            let _ = f.set_len(v.size);
+            let _ = std::fs::remove_file(&new);
+            return Err(io_api("grow", &data)(e));
+        }
+        std::fs::rename(&new, &bitmap).map_err(io_api("rename", &new))?;
+        files::sync_dir(&dir).map_err(io_api("fsync", &dir))?;
+        Ok(())
+    }
+
+    /// Complete or undo overlay growths a crash interrupted, and bring the
+    /// catalog's size in line with the data file.
+    fn finish_grows(&self) -> Result<(), StartError> {
+        for v in self.catalog.volumes()? {
+            if v.kind != VolumeKind::Overlay {
+                continue;
+            }
+            let dir = self.volume_dir(&v.name);
+            let new = dir.join(GROWN_BITMAP_FILE);
+            if new.exists() {
+                if Overlay::open(&v.path, &new, None).is_ok() {
+                    log::warn!("volume {}: completing a growth a crash interrupted", v.name);
+                    if let Err(e) = std::fs::rename(&new, dir.join(BITMAP_FILE)) {
+                        log::error!("volume {}: {e}", v.name);
+                    }
+                } else {
+                    log::warn!("volume {}: undoing a growth a crash interrupted", v.name);
+                    let _ = std::fs::remove_file(&new);
+                }
+            }
+            if let Ok(m) = std::fs::metadata(&v.path) {
+                if m.len() > v.size {
+                    self.catalog.set_volume_size(&v.name, m.len())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn volume_export_raw(
+        &self,
+        name: &str,
+        file: &Path,
+        progress: &dyn Fn(u64, Option<u64>),
+    ) -> Result<RawExported, ApiError> {
+        let running = self.lock();
+        let v = self.catalog.volume(name).map_err(catalog_err)?;
+        if v.state != catalog::VolumeState::Ready {
+            return Err(ApiError::new(
+                ErrorCode::InUse,
+                format!("volume `{name}` is still being created"),
+            ));
+        }
+        let dst = File::options()
+            .write(true)
+            .create_new(true)
+            .open(file)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    ApiError::new(ErrorCode::Exists, format!("{} exists", file.display()))
+                } else {
+                    io_api("create", file)(e)
+                }
+            })?;
+        let result = (|| -> Result<(), ApiError> {
+            let data = File::open(&v.path).map_err(io_api("open", &v.path))?;
+            match v.kind {
+                VolumeKind::Overlay => {
+                    let live = running.get(name).and_then(|r| r.disk.overlay().cloned());
+                    let ov = match live {
+                        Some(ov) => {
+                            ov.flush().map_err(io_api("flush", &v.path))?;
+                            ov
+                        }
+                        None => {
+                            let DiskSource::Overlay { data, bitmap, base } = self.disk_source(&v)
+                            else {
+                                unreachable!("an overlay volume has an overlay source")
+                            };
+                            Arc::new(
+                                Overlay::open(&data, &bitmap, base.as_deref())
+                                    .map_err(|e| ApiError::new(ErrorCode::Io, errors::chain(&e)))?,
+                            )
+                        }
+                    };
+                    let base = match &v.base {
+                        Some(d) => {
+                            let p = self.cache.path(d);
+                            Some(File::open(&p).map_err(io_api("open", &p))?)
+                        }
+                        None => None,
+                    };
+                    files::flatten_overlay(&ov, &data, base.as_ref(), &dst, progress)
+                        .map_err(io_api("write", file))?;
+                }
+                VolumeKind::Empty | VolumeKind::Full => {
+                    if let Some(r) = running.get(name) {
+                        r.disk.sync().map_err(io_api("flush", &v.path))?;
+                    }
+                    files::clone_or_copy(&data, &dst, progress).map_err(io_api("write", file))?;
+                }
+            }
+            dst.sync_all().map_err(io_api("fsync", file))
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(file);
+            return Err(e);
+        }
+        Ok(RawExported {
+            name: name.into(),
+            file: file.to_path_buf(),
+            size: v.size,
+        })
+    }
+
+    fn export_start(&self, p: &ExportStart) -> Result<ExportInfo, ApiError> {
+        let mut running = self.lock();
+        let rec = ExportRecord {
+            volume: p.volume.clone(),
+            socket: p
+                .socket
+                .clone()
+                .unwrap_or_else(|| self.socket_dir.join(format!("{}.sock", p.volume))),
+            queues: p.queues.unwrap_or(1),
+            readonly: p.readonly,
+            serial: p.serial.clone(),
+        };
+        if running.values().any(|r| r.rec.socket == rec.socket) {
+            return Err(ApiError::new(
+                ErrorCode::Exists,
+                format!(
+                    "socket {} is in use by another export",
+                    rec.socket.display()
+                ),
+            ));
+        }
+        // The catalog checks the volume and the socket first; the row is
+        // removed again if the server cannot start.
+        self.catalog.put_export(&rec).map_err(catalog_err)?;
+        let r = match self.start_server(&rec, &ServeOptions::default(), true) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.catalog.remove_export(&rec.volume);
+                return Err(e);
+            }
+        };
+        let info = Self::export_info(&r);
+        running.insert(rec.volume.clone(), r);
+        drop(running);
+        self.publish(EventKind::ExportStarted {
+            volume: rec.volume,
+            socket: rec.socket,
+        });
+        Ok(info)
+    }
+
+    fn export_stop(&self, volume: &str) -> Result<(), ApiError> {
+        let mut running = self.lock();
+        let Some(r) = running.remove(volume) else {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("volume `{volume}` is not exported"),
+            ));
+        };
+        r.server.stop();
+        if r.persistent {
+            self.catalog.remove_export(volume).map_err(catalog_err)?;
+        }
+        drop(running);
+        self.publish(EventKind::ExportStopped {
+            volume: volume.into(),
+        });
+        Ok(())
+    }
+}
+
+fn image_info(r: ImageRecord) -> ImageInfo {
+    ImageInfo {
+        digest: r.digest,
+        names: r.names,
+        size: r.size,
+        format: if r.format == "qcow2" {
+            ImageFormat::Qcow2
+        } else {
+            ImageFormat::Raw
+        },
+        source: r.source,
+        created: u64::try_from(r.created).unwrap_or(0),
+    }
+}
+
+impl Service for Daemon {
+    fn call(&self, call: Call, progress: &dyn Fn(Progress)) -> Result<Response, ApiError> {
+        let prog = |done: u64, total: Option<u64>| progress(Progress { done, total });
+        Ok(match call {
+            Call::ImageImport(p) => {
+                let r = self
+                    .cache
+                    .import(&p.file, p.name.as_deref(), &prog)
+                    .map_err(cache_err)?;
+                self.publish(EventKind::ImageImported {
+                    digest: r.digest.clone(),
+                    name: p.name,
+                });
+                Response::Image(image_info(r))
+            }
+            Call::ImageFetch(p) => {
+                let r = self
+                    .cache
+                    .fetch(&p.url, &p.sha256, p.name.as_deref(), &|done, total| {
+                        prog(done, total);
+                        self.publish(EventKind::ImageFetchProgress {
+                            url: p.url.clone(),
+                            done,
+                            total,
+                        });
+                    })
+                    .map_err(cache_err)?;
+                self.publish(EventKind::ImageImported {
+                    digest: r.digest.clone(),
+                    name: p.name,
+                });
+                Response::Image(image_info(r))
+            }
+            Call::ImageList(_) => Response::Images(ImageList {
+                images: self
+                    .cache
+                    .list()
+                    .map_err(cache_err)?
+                    .into_iter()
+                    .map(image_info)
+                    .collect(),
+            }),
+            Call::ImageShow(p) => {
+                Response::Image(image_info(self.cache.show(&p.image).map_err(cache_err)?))
+            }
+            Call::ImageRemove(p) => {
+                let r = self.cache.remove(&p.image).map_err(cache_err)?;
+                self.publish(EventKind::ImageRemoved { digest: r.digest });
+                Response::Done(Done {})
+            }
+            Call::VolumeCreate(p) => Response::Volume(self.volume_create(&p, &prog)?),
+            Call::VolumeList(_) => {
+                let running = self.lock();
+                let volumes = self
+                    .catalog
+                    .volumes()
+                    .map_err(catalog_err)?
+                    .iter()
+                    .map(|v| self.volume_info(v, running.contains_key(&v.name)))
+                    .collect();
+                Response::Volumes(VolumeList { volumes })
+            }
+            Call::VolumeShow(p) => {
+                let running = self.lock();
+                let v = self.catalog.volume(&p.name).map_err(catalog_err)?;
+                Response::Volume(self.volume_info(&v, running.contains_key(&v.name)))
+            }
+            Call::VolumeDelete(p) => {
+                self.volume_delete(&p.name)?;
+                Response::Done(Done {})
+            }
+            Call::VolumeResize(p) => Response::Volume(self.volume_resize(&p.name, p.size.0)?),
+            Call::VolumeExportRaw(p) => {
+                Response::RawExported(self.volume_export_raw(&p.name, &p.file, &prog)?)
+            }
+            Call::ExportStart(p) => Response::Export(self.export_start(&p)?),
+            Call::ExportStop(p) => {
+                self.export_stop(&p.volume)?;
+                Response::Done(Done {})
+            }
+            Call::ExportList(_) => {
+                let running = self.lock();
+                let mut exports: Vec<ExportInfo> =
+                    running.values().map(Self::export_info).collect();
+                exports.sort_by(|a, b| a.volume.cmp(&b.volume));
+                Response::Exports(ExportList { exports })
+            }
+            Call::Stats(_) | Call::Watch(_) | Call::Version(_) => {
+                return Err(ApiError::new(
+                    ErrorCode::Internal,
+                    format!("{} is answered by the control server", call.method()),
+                ))
+            }
+        })
+    }
+
+    fn metrics(&self) -> StatsResult {
+        let running = self.lock();
+        let mut volumes: Vec<VolumeStats> = running
+            .values()
+            .map(|r| VolumeStats {
+                volume: r.rec.volume.clone(),
+                io: Self::export_info(r).stats,
+                ..VolumeStats::default()
+            })
+            .collect();
+        drop(running);
+        volumes.sort_by(|a, b| a.volume.cmp(&b.volume));
+        let cache = match self.cache.usage() {
+            Ok(u) => CacheStats {
+                budget: u.budget.unwrap_or(0),
+                used_bytes: u.used_bytes,
+                images: u.images as u64,
+                fs_free_bytes: u.fs_free_bytes,
+            },
+            Err(e) => {
+                log::warn!("cache usage: {e}");
+                CacheStats::default()
+            }
+        };
+        StatsResult { volumes, cache }
+    }
+}

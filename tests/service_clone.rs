@@ -1,0 +1,545 @@
+//! vdiskd as a service, through the real binaries: import an image with
+//! vdiskctl, clone it, export the clones, read and write them with the
+//! blkio client, kill -9 the daemon and check that everything comes back.
+
+#[path = "common/client.rs"]
+mod client;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use client::{assert_same, pattern, Client};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const VDISKD: &str = env!("CARGO_BIN_EXE_vdiskd");
+const VDISKCTL: &str = env!("CARGO_BIN_EXE_vdiskctl");
+
+const MIB: u64 = 1 << 20;
+const IMAGE_SIZE: u64 = 8 * MIB;
+const SEED: u64 = 0x1a6e;
+
+/// A vdiskd with a temporary state directory and control socket. Killed
+/// (SIGKILL) on drop.
+struct Vdiskd {
+    child: Child,
+    control: PathBuf,
+}
+
+impl Vdiskd {
+    fn start(state: &Path, control: &Path) -> Vdiskd {
+        Vdiskd::start_with(state, control, &[])
+    }
+
+    fn start_with(state: &Path, control: &Path, extra: &[String]) -> Vdiskd {
+        let child = Command::new(VDISKD)
+            .args(extra)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--control")
+            .arg(control)
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn vdiskd");
+        let d = Vdiskd {
+            child,
+            control: control.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if control.exists() && d.ctl_raw(&["version"]).status.success() {
+                return d;
+            }
+            assert!(Instant::now() < deadline, "vdiskd did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ctl_raw(&self, args: &[&str]) -> Output {
+        Command::new(VDISKCTL)
+            .arg("--control")
+            .arg(&self.control)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vdiskctl")
+    }
+
+    /// Runs vdiskctl --json ARGS, which must succeed, and parses its output.
+    fn ctl(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.ctl_raw(&all);
+        assert!(
+            out.status.success(),
+            "vdiskctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// Runs vdiskctl ARGS, which must fail with exit code 1, and returns
+    /// its stderr.
+    fn ctl_fails(&self, args: &[&str]) -> String {
+        let out = self.ctl_raw(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "vdiskctl {args:?}: {err}");
+        err
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().expect("kill -9 vdiskd");
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Vdiskd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sha256_file(path: &Path) -> String {
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; MIB as usize];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex(&h.finalize())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Reads the whole disk in 1 MiB pieces.
+fn read_all(c: &mut Client, size: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size as usize);
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(MIB) as usize;
+        out.extend(
+            c.read(off, n)
+                .unwrap_or_else(|e| panic!("read at {off}: {e}")),
+        );
+        off += n as u64;
+    }
+    out
+}
+
+/// An image with a pattern everywhere but a zero (sparse) last MiB.
+fn make_image(path: &Path) -> Vec<u8> {
+    let mut data = pattern(SEED, 0, (IMAGE_SIZE - MIB) as usize);
+    data.resize(IMAGE_SIZE as usize, 0);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// Writes `data` at `offset` through the client and into the model.
+fn write_both(c: &mut Client, model: &mut [u8], offset: u64, data: &[u8]) {
+    c.write(offset, data)
+        .unwrap_or_else(|e| panic!("write at {offset}: {e}"));
+    model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+}
+
+fn connect(socket: &Path) -> Client {
+    Client::connect(socket, 1).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()))
+}
+
+#[test]
+fn clones_read_the_image_diverge_and_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let control = dir.path().join("run/control.sock");
+    let src = dir.path().join("base.img");
+    let image = make_image(&src);
+    let src_sha = sha256_file(&src);
+
+    // No --export flag at all: the control socket is enough.
+    let d = Vdiskd::start(&state, &control);
+    let img = d.ctl(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    let digest = img["digest"].as_str().expect("digest").to_string();
+    assert_eq!(digest, src_sha);
+    assert_eq!(img["size"], IMAGE_SIZE);
+    let cached = state.join("images").join(&digest);
+
+    // Two overlay clones; c1 one MiB bigger than the image.
+    let v = d.ctl(&["volume", "create", "c1", "--image", "img", "--size", "9M"]);
+    assert_eq!(v["kind"], "overlay");
+    assert_eq!(v["base"], digest.as_str());
+    assert_eq!(v["size"], 9 * MIB);
+    assert_eq!(v["state"], "ready");
+    d.ctl(&["volume", "create", "c2", "--image", "img"]);
+    let err = d.ctl_fails(&["volume", "create", "c2", "--image", "img"]);
+    assert!(err.contains("exists"), "{err}");
+
+    let s1 = dir.path().join("c1.sock");
+    let s2 = dir.path().join("c2.sock");
+    let e = d.ctl(&["export", "start", "c1", "--socket", s1.to_str().unwrap()]);
+    assert_eq!(e["volume"], "c1");
+    d.ctl(&["export", "start", "c2", "--socket", s2.to_str().unwrap()]);
+
+    // c1 reads the image, then zeros past it.
+    let mut c1 = connect(&s1);
+    assert_eq!(c1.capacity(), 9 * MIB);
+    let mut model1 = image.clone();
+    model1.resize((9 * MIB) as usize, 0);
+    assert_same(&read_all(&mut c1, 9 * MIB), &model1, "fresh clone c1");
+
+    // Writes across cluster (64 KiB) boundaries, unaligned to clusters,
+    // and one past the end of the base.
+    let w1 = pattern(7, 0, 12 * 1024);
+    write_both(&mut c1, &mut model1, 64 * 1024 - 4096, &w1);
+    let w2 = pattern(8, 0, 512);
+    write_both(&mut c1, &mut model1, 3 * MIB + 1536, &w2);
+    let w3 = pattern(9, 0, 128 * 1024);
+    write_both(&mut c1, &mut model1, IMAGE_SIZE - 4096, &w3);
+    c1.flush().expect("flush c1");
+    assert_same(&read_all(&mut c1, 9 * MIB), &model1, "c1 after writes");
+
+    // c2 still reads the image; its own write does not show in c1.
+    let mut c2 = connect(&s2);
+    assert_eq!(c2.capacity(), IMAGE_SIZE);
+    let mut model2 = image.clone();
+    assert_same(
+        &read_all(&mut c2, IMAGE_SIZE),
+        &model2,
+        "c2 untouched by c1",
+    );
+    let w4 = pattern(10, 0, 8192);
+    write_both(&mut c2, &mut model2, 64 * 1024 - 4096, &w4);
+    c2.flush().expect("flush c2");
+    assert_same(
+        &read_all(&mut c2, IMAGE_SIZE),
+        &model2,
+        "c2 after its write",
+    );
+    assert_same(&read_all(&mut c1, 9 * MIB), &model1, "c1 after c2's write");
+
+    // The image is untouched, in the cache and at its source.
+    assert_eq!(sha256_file(&cached), digest);
+    assert_eq!(sha256_file(&src), src_sha);
+
+    // The catalog's view: allocated bytes, exported, refusals.
+    let show = d.ctl(&["volume", "show", "c1"]);
+    assert_eq!(show["exported"], true);
+    let allocated = show["allocated_bytes"].as_u64().unwrap();
+    assert!(
+        allocated > 0 && allocated < 2 * MIB,
+        "allocated {allocated}"
+    );
+    let err = d.ctl_fails(&["volume", "delete", "c1"]);
+    assert!(err.contains("in_use") || err.contains("exported"), "{err}");
+    let err = d.ctl_fails(&["image", "remove", "img"]);
+    assert!(err.contains("c1"), "{err}");
+    let list = d.ctl(&["export", "list"]);
+    let exports = list["exports"].as_array().unwrap();
+    assert_eq!(exports.len(), 2);
+    assert!(exports.iter().all(|e| e["connected"] == true), "{list}");
+
+    // kill -9 with both clients connected; the flushed data must be back.
+    drop(c1);
+    drop(c2);
+    d.kill9();
+    let d = Vdiskd::start(&state, &control);
+    let list = d.ctl(&["export", "list"]);
+    let vols: Vec<&str> = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["volume"].as_str().unwrap())
+        .collect();
+    assert_eq!(vols, ["c1", "c2"]);
+    let mut c1 = connect(&s1);
+    assert_same(&read_all(&mut c1, 9 * MIB), &model1, "c1 after kill -9");
+    let mut c2 = connect(&s2);
+    assert_same(&read_all(&mut c2, IMAGE_SIZE), &model2, "c2 after kill -9");
+    drop(c2);
+
+    // Flattened export of the live clone.
+    let raw = dir.path().join("c1.raw");
+    let r = d.ctl(&["volume", "export-raw", "c1", raw.to_str().unwrap()]);
+    assert_eq!(r["size"], 9 * MIB);
+    assert_same(&std::fs::read(&raw).unwrap(), &model1, "export-raw c1");
+
+    // Stop and delete c2; the image stays in use by c1 only.
+    d.ctl(&["export", "stop", "c2"]);
+    assert!(!s2.exists(), "socket of a stopped export");
+    d.ctl(&["volume", "delete", "c2"]);
+    assert!(!state.join("volumes/c2").exists());
+    let err = d.ctl_fails(&["image", "remove", "img"]);
+    assert!(err.contains("c1") && !err.contains("c2"), "{err}");
+    assert_eq!(sha256_file(&cached), digest);
+    drop(c1);
+}
+
+#[test]
+fn full_copies_empty_volumes_and_resize() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let control = dir.path().join("control.sock");
+    let src = dir.path().join("base.img");
+    let image = make_image(&src);
+    let d = Vdiskd::start(&state, &control);
+    d.ctl(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+
+    // A full copy is independent of the image and sparse where it is.
+    let v = d.ctl(&["volume", "create", "f1", "--image", "img", "--full"]);
+    assert_eq!(v["kind"], "raw");
+    assert_eq!(v["size"], IMAGE_SIZE);
+    let data = state.join("volumes/f1/data");
+    assert_same(&std::fs::read(&data).unwrap(), &image, "full copy");
+
+    // An empty volume, grown, exported with the default socket.
+    let v = d.ctl(&["volume", "create", "e1", "--size", "4M"]);
+    assert_eq!(v["kind"], "raw");
+    assert_eq!(v["base"], Value::Null);
+    let v = d.ctl(&["volume", "resize", "e1", "6M"]);
+    assert_eq!(v["size"], 6 * MIB);
+    let err = d.ctl_fails(&["volume", "resize", "e1", "5M"]);
+    assert!(err.contains("grow"), "{err}");
+    let e = d.ctl(&["export", "start", "e1"]);
+    let socket = PathBuf::from(e["socket"].as_str().unwrap());
+    assert_eq!(socket, dir.path().join("e1.sock"));
+    let mut c = connect(&socket);
+    assert_eq!(c.capacity(), 6 * MIB);
+    let w = pattern(11, 0, 4096);
+    c.write(5 * MIB, &w).unwrap();
+    c.flush().unwrap();
+    assert_same(&c.read(5 * MIB, 4096).unwrap(), &w, "empty volume write");
+    drop(c);
+    let err = d.ctl_fails(&["volume", "resize", "e1", "8M"]);
+    assert!(err.contains("exported"), "{err}");
+
+    // An overlay grows (not while exported): the image, then zeros.
+    d.ctl(&["volume", "create", "o1", "--image", "img"]);
+    let o1 = dir.path().join("o1.sock");
+    d.ctl(&["export", "start", "o1", "--socket", o1.to_str().unwrap()]);
+    let mut c = connect(&o1);
+    let w = pattern(14, 0, 4096);
+    c.write(IMAGE_SIZE - 4096, &w).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    let err = d.ctl_fails(&["volume", "resize", "o1", "16M"]);
+    assert!(err.contains("exported"), "{err}");
+    d.ctl(&["export", "stop", "o1"]);
+    let v = d.ctl(&["volume", "resize", "o1", "16M"]);
+    assert_eq!(v["size"], 16 * MIB);
+    d.ctl(&["export", "start", "o1", "--socket", o1.to_str().unwrap()]);
+    let mut c = connect(&o1);
+    assert_eq!(c.capacity(), 16 * MIB);
+    let mut model = image.clone();
+    model.resize((16 * MIB) as usize, 0);
+    model[(IMAGE_SIZE - 4096) as usize..IMAGE_SIZE as usize].copy_from_slice(&w);
+    assert_same(&read_all(&mut c, 16 * MIB), &model, "grown overlay");
+    let w2 = pattern(15, 0, 8192);
+    write_both(&mut c, &mut model, IMAGE_SIZE - 4096, &w2);
+    write_both(&mut c, &mut model, 12 * MIB + 512, &w2);
+    c.flush().unwrap();
+    assert_same(
+        &read_all(&mut c, 16 * MIB),
+        &model,
+        "grown overlay, written",
+    );
+    drop(c);
+    assert!(!state.join("volumes/o1/bitmap.grown").exists());
+
+    // Names with a slash never reach the service.
+    let out = d.ctl_raw(&["volume", "create", "../x", "--size", "1M"]);
+    assert!(!out.status.success());
+
+    let list = d.ctl(&["volume", "list"]);
+    let names: Vec<&str> = list["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["e1", "f1", "o1"]);
+}
+
+#[test]
+fn half_made_volumes_are_rolled_back_at_start() {
+    use vdisk::catalog::{Catalog, VolumeKind, VolumeRecord, VolumeState};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let control = dir.path().join("control.sock");
+    // What a crash between begin_volume and finish_volume leaves.
+    {
+        let cat = Catalog::open(&state).unwrap();
+        let vdir = state.join("volumes/half");
+        std::fs::create_dir_all(&vdir).unwrap();
+        std::fs::write(vdir.join("data"), b"partial").unwrap();
+        cat.begin_volume(&VolumeRecord {
+            name: "half".into(),
+            kind: VolumeKind::Empty,
+            base: None,
+            size: MIB,
+            path: vdir.join("data"),
+            state: VolumeState::Creating,
+            created: 0,
+        })
+        .unwrap();
+    }
+    let d = Vdiskd::start(&state, &control);
+    let list = d.ctl(&["volume", "list"]);
+    assert_eq!(list["volumes"].as_array().unwrap().len(), 0, "{list}");
+    assert!(!state.join("volumes/half").exists());
+    // The name is free again.
+    d.ctl(&["volume", "create", "half", "--size", "1M"]);
+}
+
+#[test]
+fn volume_exports_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let control = dir.path().join("control.sock");
+    let d = Vdiskd::start(&state, &control);
+    d.ctl(&["volume", "create", "v1", "--size", "2M"]);
+    d.kill9();
+
+    let socket = dir.path().join("v1.sock");
+    let spec = format!("socket={},volume=v1", socket.display());
+    let d = Vdiskd::start_with(&state, &control, &["--export".into(), spec]);
+    let mut c = connect(&socket);
+    assert_eq!(c.capacity(), 2 * MIB);
+    let w = pattern(12, 0, 4096);
+    c.write(MIB, &w).unwrap();
+    c.flush().unwrap();
+    assert_same(&c.read(MIB, 4096).unwrap(), &w, "flag export");
+    let show = d.ctl(&["volume", "show", "v1"]);
+    assert_eq!(show["exported"], true);
+    let err = d.ctl_fails(&["volume", "delete", "v1"]);
+    assert!(err.contains("exported"), "{err}");
+    drop(c);
+    d.ctl(&["export", "stop", "v1"]);
+    d.ctl(&["volume", "delete", "v1"]);
+}
+
+/// A 1 GiB image (sparse, with data at a few places): the clone is made
+/// without copying (its data file allocates nothing), reads the image
+/// through it, and the image's digest is unchanged after writes.
+#[test]
+fn clone_of_a_1_gib_image() {
+    const GIB: u64 = 1 << 30;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let control = dir.path().join("control.sock");
+    let src = dir.path().join("big.img");
+    let spots = [0, 300 * MIB + 4096, GIB / 2, GIB - MIB];
+    {
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(GIB).unwrap();
+        use std::os::unix::fs::FileExt;
+        for &o in &spots {
+            f.write_all_at(&pattern(o, o, MIB as usize), o).unwrap();
+        }
+    }
+    let d = Vdiskd::start(&state, &control);
+    let img = d.ctl(&["image", "import", src.to_str().unwrap(), "--name", "big"]);
+    let digest = img["digest"].as_str().unwrap().to_string();
+
+    let t = Instant::now();
+    let v = d.ctl(&["volume", "create", "b1", "--image", "big"]);
+    let took = t.elapsed();
+    assert_eq!(v["size"], GIB);
+    assert!(took < Duration::from_secs(2), "clone took {took:?}");
+    assert_eq!(v["allocated_bytes"], 0, "{v}");
+
+    let socket = dir.path().join("b1.sock");
+    d.ctl(&[
+        "export",
+        "start",
+        "b1",
+        "--socket",
+        socket.to_str().unwrap(),
+    ]);
+    let mut c = connect(&socket);
+    assert_eq!(c.capacity(), GIB);
+    for &o in &spots {
+        assert_same(
+            &c.read(o, MIB as usize).unwrap(),
+            &pattern(o, o, MIB as usize),
+            &format!("image data at {o}"),
+        );
+    }
+    assert_eq!(c.read(GIB / 4, 4096).unwrap(), vec![0; 4096]);
+    let w = pattern(13, 0, 3 * 4096);
+    c.write(GIB / 2 + 64 * 1024 - 4096, &w).unwrap();
+    c.flush().unwrap();
+    assert_same(
+        &c.read(GIB / 2 + 64 * 1024 - 4096, w.len()).unwrap(),
+        &w,
+        "write across clusters",
+    );
+    drop(c);
+    assert_eq!(sha256_file(&state.join("images").join(&digest)), digest);
+}
+
+/// A growth interrupted by a crash: after the data file was extended it
+/// is completed at start, before that it is undone.
+#[test]
+fn interrupted_overlay_growth_is_finished_or_undone() {
+    use vdisk::block::Overlay;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let control = dir.path().join("control.sock");
+    let src = dir.path().join("base.img");
+    let image = make_image(&src);
+    let d = Vdiskd::start(&state, &control);
+    d.ctl(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    d.ctl(&["volume", "create", "done", "--image", "img"]);
+    d.ctl(&["volume", "create", "undone", "--image", "img"]);
+    d.kill9();
+    // The state a crash leaves part-way through `volume resize`.
+    for (name, extend) in [("done", true), ("undone", false)] {
+        let vdir = state.join("volumes").join(name);
+        let (data, bitmap) = (vdir.join("data"), vdir.join("bitmap"));
+        let ov = Overlay::open(&data, &bitmap, None).unwrap();
+        ov.write_grown_bitmap(&vdir.join("bitmap.grown"), 2 * IMAGE_SIZE)
+            .unwrap();
+        drop(ov);
+        if extend {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&data)
+                .unwrap()
+                .set_len(2 * IMAGE_SIZE)
+                .unwrap();
+        }
+    }
+    let d = Vdiskd::start(&state, &control);
+    for (name, size) in [("done", 2 * IMAGE_SIZE), ("undone", IMAGE_SIZE)] {
+        let v = d.ctl(&["volume", "show", name]);
+        assert_eq!(v["size"], size, "{name}: {v}");
+        assert!(!state
+            .join("volumes")
+            .join(name)
+            .join("bitmap.grown")
+            .exists());
+        let socket = dir.path().join(format!("{name}.sock"));
+        d.ctl(&[
+            "export",
+            "start",
+            name,
+            "--socket",
+            socket.to_str().unwrap(),
+        ]);
+        let mut c = connect(&socket);
+        assert_eq!(c.capacity(), size, "{name}");
+        let mut model = image.clone();
+        model.resize(size as usize, 0);
+        assert_same(&read_all(&mut c, size), &model, name);
+    }
+}
