@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{BlockError, Engine, NullEngine, Overlay, OverlayEngine, SyncEngine, UringEngine};
+use super::{BlockError, Engine, Overlay, OverlayEngine, SyncEngine, UringEngine};
 use crate::sys;
 
 /// Where a disk's bytes live.
@@ -259,7 +259,7 @@ impl Disk {
                 depth,
                 event()?,
             )?),
-            _ => Box::new(NullEngine::new(depth)?),
+            _ => Box::new(SyncEngine::null(depth)?),
         })
     }
 

@@ -9,7 +9,6 @@
 //! waits for everything in flight).
 
 mod disk;
-mod null;
 mod overlay;
 mod sync;
 mod uring;
@@ -18,7 +17,6 @@ use std::io;
 use std::os::fd::RawFd;
 
 pub use disk::{Disk, DiskSource, EngineKind, OpenOptions};
-pub use null::NullEngine;
 pub use overlay::{Overlay, OverlayEngine, OverlayError, CLUSTER_SIZE};
 pub use sync::SyncEngine;
 pub use uring::UringEngine;

@@ -1,7 +1,9 @@
 //! The synchronous engine: each operation runs to completion inside
 //! `push`, on the worker thread, and its completion is queued. Slower than
 //! io_uring but simple, portable and deterministic: used by tests and where
-//! io_uring is unavailable.
+//! io_uring is unavailable. Without a file it is the null engine: reads
+//! return zeros, everything else succeeds at once (the protocol floor for
+//! benchmarks).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -9,14 +11,15 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::{fallocate_mode, is_unsupported, zero_range_slow, DirectFile};
 use super::{BlockError, Completion, Engine, Op, OpKind};
 use crate::sys;
 
 pub struct SyncEngine {
-    file: Arc<File>,
+    /// `None`: the null device.
+    file: Option<Arc<File>>,
     direct: Option<DirectFile>,
     done: VecDeque<Completion>,
     event: EventFd,
@@ -32,7 +35,7 @@ impl SyncEngine {
         event: EventFd,
     ) -> Result<Self, BlockError> {
         Ok(SyncEngine {
-            file,
+            file: Some(file),
             direct,
             done: VecDeque::with_capacity(depth),
             event,
@@ -41,30 +44,41 @@ impl SyncEngine {
         })
     }
 
-    fn run(&self, op: &mut Op) -> io::Result<u64> {
-        match op.kind {
-            OpKind::Read | OpKind::Write => self.transfer(op),
-            OpKind::Flush => self.file.sync_data().map(|_| 0),
-            OpKind::Discard => self.zero(op.offset, op.len, true),
-            OpKind::WriteZeroes { unmap } => self.zero(op.offset, op.len, unmap),
-        }
+    /// The null device: nothing behind it.
+    pub fn null(depth: usize) -> Result<Self, BlockError> {
+        Ok(SyncEngine {
+            file: None,
+            direct: None,
+            done: VecDeque::with_capacity(depth),
+            event: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+            depth,
+            write_through: false,
+        })
     }
 
-    fn zero(&self, offset: u64, len: u64, unmap: bool) -> io::Result<u64> {
-        match sys::fallocate(self.file.as_fd(), fallocate_mode(unmap), offset, len) {
-            Ok(()) => Ok(len),
-            Err(e) if is_unsupported(&e) => {
-                zero_range_slow(self.file.as_fd(), &self.file, offset, len, unmap).map(|_| len)
+    fn run(&self, op: &mut Op) -> io::Result<u64> {
+        let Some(file) = &self.file else {
+            if op.kind == OpKind::Read {
+                // SAFETY: the caller of `push` guarantees the slices
+                // describe writable memory that stays alive until the
+                // completion is reaped, which is after this call.
+                unsafe { sys::zero_fill(&op.iov) };
             }
-            Err(e) => Err(e),
+            return Ok(op.len);
+        };
+        match op.kind {
+            OpKind::Read | OpKind::Write => self.transfer(file, op),
+            OpKind::Flush => file.sync_data().map(|_| 0),
+            OpKind::Discard => zero(file, op.offset, op.len, true),
+            OpKind::WriteZeroes { unmap } => zero(file, op.offset, op.len, unmap),
         }
     }
 
     /// Loop until the whole request moved: preadv/pwritev may be short.
-    fn transfer(&self, op: &mut Op) -> io::Result<u64> {
+    fn transfer(&self, file: &File, op: &mut Op) -> io::Result<u64> {
         let fd = match &self.direct {
             Some(d) if d.fits(op.offset, &op.iov) => d.file.as_fd(),
-            _ => self.file.as_fd(),
+            _ => file.as_fd(),
         };
         let mut iov = op.iov.clone();
         let mut offset = op.offset;
@@ -89,6 +103,16 @@ impl SyncEngine {
             advance(&mut iov, n);
         }
         Ok(total)
+    }
+}
+
+fn zero(file: &File, offset: u64, len: u64, unmap: bool) -> io::Result<u64> {
+    match sys::fallocate(file.as_fd(), fallocate_mode(unmap), offset, len) {
+        Ok(()) => Ok(len),
+        Err(e) if is_unsupported(&e) => {
+            zero_range_slow(file.as_fd(), file, offset, len, unmap).map(|_| len)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -149,7 +173,11 @@ impl Engine for SyncEngine {
     }
 
     fn name(&self) -> &'static str {
-        "sync"
+        if self.file.is_some() {
+            "sync"
+        } else {
+            "null"
+        }
     }
 
     fn set_write_through(&mut self, on: bool) {

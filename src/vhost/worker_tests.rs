@@ -380,7 +380,7 @@ proptest! {
 }
 
 /// An engine whose flushes fail, as fsync does after a lost write-back.
-struct FailingFlush(crate::block::NullEngine);
+struct FailingFlush(crate::block::SyncEngine);
 
 impl crate::block::Engine for FailingFlush {
     fn push(
@@ -433,7 +433,7 @@ impl crate::block::Engine for FailingFlush {
 fn a_failed_fsync_reaches_the_guest_as_ioerr() {
     let mut r = Rig::new(EngineKind::Null);
     r.worker = QueueWorker::new(
-        Box::new(FailingFlush(crate::block::NullEngine::new(16).unwrap())),
+        Box::new(FailingFlush(crate::block::SyncEngine::null(16).unwrap())),
         r.mem.clone(),
         Arc::default(),
         0,
