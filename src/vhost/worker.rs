@@ -31,7 +31,7 @@ pub type Vring = VringRwLock<AtomicMem>;
 /// Why a queue had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("the avail ring is corrupt")]
+    #[error("the avail ring is corrupt: {0}")]
     BrokenRing(#[source] virtio_queue::Error),
     #[error("descriptor head {0} is outside the queue or already in flight")]
     BadHead(u16),
@@ -166,16 +166,22 @@ impl QueueWorker {
         event_idx: bool,
         dirty_log: bool,
     ) -> Result<(), QueueError> {
-        let mut mem = self.mem.memory().into_inner();
         let mut state = vring.get_mut();
         // Completions first: they free slots and make the used ring current.
         let mut signal = self.reap(&mut state, dirty_log)?;
+        let mut mem;
         loop {
+            mem = self.mem.memory().into_inner();
             if event_idx {
-                state
-                    .get_queue_mut()
-                    .disable_notification(&*mem)
-                    .map_err(QueueError::UsedRing)?;
+                match state.get_queue_mut().disable_notification(&*mem) {
+                    Ok(()) => {}
+                    // As above: a ring outside mapped memory is not ready.
+                    Err(virtio_queue::Error::GuestMemory(e)) => {
+                        log::debug!("queue {}: used ring not writable yet: {e}", self.index);
+                        return Ok(());
+                    }
+                    Err(e) => return Err(QueueError::UsedRing(e)),
+                }
             }
             loop {
                 // A driver publishes a chain only after the frontend has
@@ -189,7 +195,10 @@ impl QueueWorker {
                         self.signal(&mut state, &mem)?;
                         signal = false;
                     }
-                    if !self.poll(&mut state, &mem, dirty_log)? {
+                    let more = self.poll(&mut state, dirty_log)?;
+                    // Polling may have lasted a while: use a current view.
+                    mem = self.mem.memory().into_inner();
+                    if !more {
                         break;
                     }
                     continue;
@@ -231,9 +240,22 @@ impl QueueWorker {
         mem: &Mem,
     ) -> Result<u16, QueueError> {
         let queue = state.get_queue();
-        let avail = queue
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(QueueError::BrokenRing)?;
+        let avail = match queue.avail_idx(mem, Ordering::Acquire) {
+            Ok(a) => a,
+            // The view this batch started with may predate the memory
+            // table that holds the ring; and while a frontend is (re)setting
+            // up a queue, its ring may briefly lie outside the memory it has
+            // mapped. Neither is a broken ring: there is nothing to take
+            // now, and the next kick looks again.
+            Err(_) => match queue.avail_idx(&*self.mem.memory(), Ordering::Acquire) {
+                Ok(a) => a,
+                Err(virtio_queue::Error::GuestMemory(e)) => {
+                    log::debug!("queue {}: avail ring not readable yet: {e}", self.index);
+                    return Ok(0);
+                }
+                Err(e) => return Err(QueueError::BrokenRing(e)),
+            },
+        };
         Ok((avail - Wrapping(queue.next_avail())).0)
     }
 
@@ -245,7 +267,6 @@ impl QueueWorker {
     fn poll(
         &mut self,
         state: &mut VringStateMutGuardOf<'_>,
-        mem: &Mem,
         dirty_log: bool,
     ) -> Result<bool, QueueError> {
         if self.poll.is_zero() {
@@ -253,13 +274,14 @@ impl QueueWorker {
         }
         let deadline = Instant::now() + self.poll;
         loop {
+            let mem = &*self.mem.memory().into_inner();
             if self.pending_chains(state, mem)? > 0 {
                 return Ok(true);
             }
             if self.engine.has_completions() && self.reap(state, dirty_log)? {
                 self.signal(state, mem)?;
                 // Work came in: give the driver a full poll window again.
-                return self.poll(state, mem, dirty_log);
+                return self.poll(state, dirty_log);
             }
             if Instant::now() >= deadline {
                 return Ok(false);
