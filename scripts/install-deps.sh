@@ -25,7 +25,9 @@ installed_version() {
 }
 
 # Packages from the release itself.
-base_pkgs=(fio busybox-static cpio linux-image-amd64 kmod gzip)
+# systemd gives systemd-analyze (tests/daemon.rs verifies the unit); util-linux
+# gives taskset (the benchmark pins daemon and client apart).
+base_pkgs=(fio busybox-static cpio linux-image-amd64 kmod gzip systemd util-linux)
 # QEMU: Debian 12's own 7.2 lacks what the harness uses (reconnect-ms), so
 # on bookworm it comes from bookworm-backports.
 qemu_pkgs=(qemu-system-x86 qemu-utils)
