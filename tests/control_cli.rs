@@ -101,7 +101,7 @@ impl Service for Fake {
                 ..Default::default()
             }],
             cache: CacheStats {
-                budget: 100 << 30,
+                budget: Some(100 << 30),
                 used_bytes: 3 << 30,
                 images: 4,
                 fs_free_bytes: 200 << 30,

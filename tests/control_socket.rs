@@ -93,7 +93,7 @@ impl Service for Fake {
                 ..Default::default()
             }],
             cache: CacheStats {
-                budget: 10 << 30,
+                budget: Some(10 << 30),
                 used_bytes: 1 << 30,
                 images: 2,
                 fs_free_bytes: 50 << 30,

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "common/watchdog.rs"]
+mod watchdog;
+
 const VDISKD: &str = env!("CARGO_BIN_EXE_vdiskd");
 
 struct Dir(tempfile::TempDir);
@@ -74,6 +77,7 @@ fn sigterm(child: &mut Child) -> std::process::ExitStatus {
 }
 
 fn run(cmd: &mut Command) -> Output {
+    let _deadline = watchdog::arm(format!("{cmd:?} to exit"), Duration::from_secs(30));
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()

@@ -4,104 +4,21 @@
 
 #[path = "common/client.rs"]
 mod client;
+#[path = "common/vdiskd.rs"]
+mod vdiskd;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+
 use std::time::{Duration, Instant};
 
 use client::{assert_same, pattern, Client};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-
-const VDISKD: &str = env!("CARGO_BIN_EXE_vdiskd");
-const VDISKCTL: &str = env!("CARGO_BIN_EXE_vdiskctl");
+use vdiskd::Vdiskd;
 
 const MIB: u64 = 1 << 20;
 const IMAGE_SIZE: u64 = 8 * MIB;
 const SEED: u64 = 0x1a6e;
-
-/// A vdiskd with a temporary state directory and control socket. Killed
-/// (SIGKILL) on drop.
-struct Vdiskd {
-    child: Child,
-    control: PathBuf,
-}
-
-impl Vdiskd {
-    fn start(state: &Path, control: &Path) -> Vdiskd {
-        Vdiskd::start_with(state, control, &[])
-    }
-
-    fn start_with(state: &Path, control: &Path, extra: &[String]) -> Vdiskd {
-        let child = Command::new(VDISKD)
-            .args(extra)
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--control")
-            .arg(control)
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn vdiskd");
-        let d = Vdiskd {
-            child,
-            control: control.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if control.exists() && d.ctl_raw(&["version"]).status.success() {
-                return d;
-            }
-            assert!(Instant::now() < deadline, "vdiskd did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn ctl_raw(&self, args: &[&str]) -> Output {
-        Command::new(VDISKCTL)
-            .arg("--control")
-            .arg(&self.control)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run vdiskctl")
-    }
-
-    /// Runs vdiskctl --json ARGS, which must succeed, and parses its output.
-    fn ctl(&self, args: &[&str]) -> Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        let out = self.ctl_raw(&all);
-        assert!(
-            out.status.success(),
-            "vdiskctl {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    }
-
-    /// Runs vdiskctl ARGS, which must fail with exit code 1, and returns
-    /// its stderr.
-    fn ctl_fails(&self, args: &[&str]) -> String {
-        let out = self.ctl_raw(args);
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(1), "vdiskctl {args:?}: {err}");
-        err
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().expect("kill -9 vdiskd");
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Vdiskd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn sha256_file(path: &Path) -> String {
     use std::io::Read;
@@ -541,5 +458,64 @@ fn interrupted_overlay_growth_is_finished_or_undone() {
         let mut model = image.clone();
         model.resize(size as usize, 0);
         assert_same(&read_all(&mut c, size), &model, name);
+    }
+}
+
+/// Image times go from the catalog (Unix seconds) to `image list`,
+/// `image show` and `--json` (Unix milliseconds) unchanged; `stats` says
+/// plainly that the cache has no budget when none is set.
+#[test]
+fn image_times_and_cache_budget_as_vdiskctl_prints_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let control = dir.path().join("control.sock");
+    let src = dir.path().join("base.img");
+    make_image(&src);
+
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let d = Vdiskd::start(&state, &control);
+    let img = d.ctl(&["image", "import", src.to_str().unwrap(), "--name", "img"]);
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let created = img["created"].as_u64().expect("created");
+    assert!(
+        (before * 1000..=(after + 1) * 1000).contains(&created),
+        "created {created} ms is not between {before} s and {after} s"
+    );
+
+    let stats = d.ctl_raw(&["stats"]);
+    let text = String::from_utf8_lossy(&stats.stdout);
+    assert!(
+        text.contains(" used (no budget), 1 images, "),
+        "stats: {text}"
+    );
+    let stats = d.ctl(&["stats"]);
+    assert_eq!(stats["cache"]["budget"], Value::Null, "{stats}");
+    d.kill9();
+
+    // A known time, written where vdiskd keeps it.
+    let db = rusqlite::Connection::open(state.join(vdisk::catalog::CATALOG_FILE)).unwrap();
+    let n = db
+        .execute("UPDATE images SET created = 1700000000", [])
+        .unwrap();
+    assert_eq!(n, 1);
+    drop(db);
+
+    let d = Vdiskd::start(&state, &control);
+    let list = d.ctl(&["image", "list"]);
+    assert_eq!(list["images"][0]["created"], 1_700_000_000_000u64, "{list}");
+    for args in [&["image", "list"][..], &["image", "show", "img"][..]] {
+        let out = d.ctl_raw(args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {text}");
+        assert!(
+            text.contains("2023-11-14 22:13:20Z"),
+            "vdiskctl {args:?} shows the wrong time:\n{text}"
+        );
     }
 }

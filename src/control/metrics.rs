@@ -244,11 +244,14 @@ pub fn render(stats: &StatsResult) -> String {
         }
     }
     let c = &stats.cache;
-    for (family, x) in [
+    // No budget, no budget gauge: 0 would read as "the cache may hold nothing".
+    let budget = c.budget.map(|b| {
         (
             gauge("vdisk_cache_budget_bytes", "Bytes the image cache may use."),
-            c.budget,
-        ),
+            b,
+        )
+    });
+    for (family, x) in budget.into_iter().chain([
         (
             gauge("vdisk_cache_used_bytes", "Bytes the image cache uses."),
             c.used_bytes,
@@ -264,7 +267,7 @@ pub fn render(stats: &StatsResult) -> String {
             ),
             c.fs_free_bytes,
         ),
-    ] {
+    ]) {
         header(&mut out, &family);
         let _ = writeln!(out, "{} {x}", family.name);
     }

@@ -698,7 +698,9 @@ fn image_info(r: ImageRecord) -> ImageInfo {
             ImageFormat::Raw
         },
         source: r.source,
-        created: u64::try_from(r.created).unwrap_or(0),
+        // The catalog keeps Unix seconds; the protocol speaks milliseconds,
+        // as events do.
+        created: u64::try_from(r.created).unwrap_or(0).saturating_mul(1000),
     }
 }
 
@@ -812,7 +814,7 @@ impl Service for Daemon {
         volumes.sort_by(|a, b| a.volume.cmp(&b.volume));
         let cache = match self.cache.usage() {
             Ok(u) => CacheStats {
-                budget: u.budget.unwrap_or(0),
+                budget: u.budget,
                 used_bytes: u.used_bytes,
                 images: u.images as u64,
                 fs_free_bytes: u.fs_free_bytes,

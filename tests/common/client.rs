@@ -18,6 +18,9 @@
 //! Include it with `#[path = "common/client.rs"] mod client;`.
 #![allow(dead_code)]
 
+#[path = "watchdog.rs"]
+pub mod watchdog;
+
 use blkio::{Blkio, Blkioq, Completion, Errno, MemoryRegion, ReqFlags};
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
@@ -41,6 +44,11 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a daemon may take to create its sockets, and a client to get its
 /// connection accepted (a restarted daemon may still be tearing down).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long blkio's vhost-user handshake (features, memory table, vring
+/// set-up) may take once connected; it blocks on the socket without a limit
+/// of its own, so the watchdog enforces this one.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a daemon may take to exit after SIGTERM.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,6 +76,8 @@ pub struct ClientOptions {
     pub queue_size: Option<i32>,
     /// How long to retry a refused connection.
     pub connect_timeout: Duration,
+    /// How long one batch may wait for its completions ([`IO_TIMEOUT`]).
+    pub io_timeout: Duration,
 }
 
 impl Default for ClientOptions {
@@ -78,6 +88,7 @@ impl Default for ClientOptions {
             buffer_size: DEFAULT_BUFFER,
             queue_size: None,
             connect_timeout: READY_TIMEOUT,
+            io_timeout: IO_TIMEOUT,
         }
     }
 }
@@ -144,6 +155,7 @@ pub struct Client {
     region: MemoryRegion,
     blkio: Blkio,
     capacity: u64,
+    io_timeout: Duration,
 }
 
 impl Client {
@@ -158,6 +170,12 @@ impl Client {
         let path = socket
             .to_str()
             .ok_or_else(|| blkio::Error::new(Errno::INVAL, "socket path is not UTF-8"))?;
+        // blkio's handshake blocks on the socket: a daemon that accepts and
+        // never answers would hang the test without this.
+        let _deadline = watchdog::arm(
+            format!("the vhost-user handshake on {path}"),
+            opts.connect_timeout + HANDSHAKE_TIMEOUT,
+        );
         let deadline = Instant::now() + opts.connect_timeout;
         let mut blkio = loop {
             let mut b = Blkio::new(DRIVER)?;
@@ -190,6 +208,7 @@ impl Client {
             region,
             blkio,
             capacity,
+            io_timeout: opts.io_timeout,
         })
     }
 
@@ -340,7 +359,8 @@ impl Client {
 
     /// Sends every request at once (each on the queue paired with it), kicks
     /// all queues, and waits for all completions. Results are in request
-    /// order. Panics if the daemon does not answer within [`IO_TIMEOUT`] or
+    /// order. Panics if the daemon does not answer within the options'
+    /// `io_timeout` ([`IO_TIMEOUT`] by default) or
     /// if the reads and writes do not fit in the buffer.
     pub fn run(&mut self, ops: &[(usize, Op)]) -> Vec<OpResult> {
         let layout = self.layout(ops);
@@ -359,7 +379,7 @@ impl Client {
         let mut completions: Vec<MaybeUninit<Completion>> =
             (0..64).map(|_| MaybeUninit::uninit()).collect();
         for (q, queue) in self.queues.iter_mut().enumerate() {
-            let mut left = IO_TIMEOUT;
+            let mut left = self.io_timeout;
             while pending[q] > 0 {
                 let n = queue
                     .do_io(&mut completions, 1, Some(&mut left), None)

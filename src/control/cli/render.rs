@@ -225,11 +225,14 @@ fn stats(s: &StatsResult) -> String {
         ]);
     }
     let c = &s.cache;
+    let budget = c.budget.map_or_else(
+        || "(no budget)".to_string(),
+        |b| format!("of {} budget", size(b)),
+    );
     format!(
-        "{}\ncache: {} used of {} budget, {} images, {} free on its filesystem\n",
+        "{}\ncache: {} used {budget}, {} images, {} free on its filesystem\n",
         t.render(),
         size(c.used_bytes),
-        size(c.budget),
         c.images,
         size(c.fs_free_bytes)
     )
@@ -264,6 +267,16 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn cache_line_with_and_without_budget() {
+        let mut s = StatsResult::default();
+        s.cache.used_bytes = 3 << 30;
+        s.cache.images = 2;
+        assert!(stats(&s).contains("cache: 3.0G used (no budget), 2 images, 0B free"));
+        s.cache.budget = Some(10 << 30);
+        assert!(stats(&s).contains("cache: 3.0G used of 10.0G budget, 2 images"));
+    }
 
     #[test]
     fn event_line() {

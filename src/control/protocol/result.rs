@@ -128,8 +128,9 @@ pub struct VolumeStats {
 /// The image cache's space.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheStats {
-    /// Bytes the cache may use.
-    pub budget: u64,
+    /// Bytes the cache may use; `null` when no budget is set (the
+    /// filesystem's free space is then the only limit).
+    pub budget: Option<u64>,
     pub used_bytes: u64,
     pub images: u64,
     /// Free bytes on the cache's filesystem.
