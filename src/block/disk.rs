@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{BlockError, Engine, Overlay, OverlayEngine, SyncEngine, UringEngine};
+use super::{BlockError, Engine, FlushLatch, Overlay, OverlayEngine, SyncEngine, UringEngine};
 use crate::sys;
 
 /// Where a disk's bytes live.
@@ -83,6 +83,8 @@ pub struct Disk {
     size: u64,
     readonly: bool,
     engine: EngineKind,
+    /// Shared by every engine of this disk (the overlay's own, for one).
+    latch: Arc<FlushLatch>,
 }
 
 impl std::fmt::Debug for Disk {
@@ -114,6 +116,7 @@ impl Disk {
                     size: *size,
                     readonly: opts.readonly,
                     engine: EngineKind::Null,
+                    latch: FlushLatch::new("null device"),
                 })
             }
             DiskSource::File(path) => Self::open_file(source, path, opts),
@@ -147,6 +150,7 @@ impl Disk {
         Ok(Disk {
             source: source.clone(),
             file: None,
+            latch: ov.latch().clone(),
             overlay: Some(Arc::new(ov)),
             direct: None,
             size,
@@ -215,6 +219,7 @@ impl Disk {
             size,
             readonly: opts.readonly,
             engine,
+            latch: FlushLatch::new(shown),
         })
     }
 
@@ -235,6 +240,11 @@ impl Disk {
         self.engine
     }
 
+    /// The flush-error latch: why flushes fail, once one did.
+    pub fn flush_latch(&self) -> &Arc<FlushLatch> {
+        &self.latch
+    }
+
     /// A new engine for one queue worker, allowing `depth` operations in
     /// flight.
     pub fn new_engine(&self, depth: usize) -> Result<Box<dyn Engine>, BlockError> {
@@ -252,12 +262,14 @@ impl Disk {
                 self.direct.clone(),
                 depth,
                 event()?,
+                self.latch.clone(),
             )?),
             (EngineKind::Sync, Some(file)) => Box::new(SyncEngine::new(
                 file.clone(),
                 self.direct.clone(),
                 depth,
                 event()?,
+                self.latch.clone(),
             )?),
             _ => Box::new(SyncEngine::null(depth)?),
         })
@@ -269,7 +281,7 @@ impl Disk {
             return if self.readonly { Ok(()) } else { ov.flush() };
         }
         match &self.file {
-            Some(f) if !self.readonly => f.sync_data(),
+            Some(f) if !self.readonly => self.latch.pass(super::failpoint::sync_data(f)),
             _ => Ok(()),
         }
     }

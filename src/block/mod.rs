@@ -9,6 +9,8 @@
 //! waits for everything in flight).
 
 mod disk;
+pub(crate) mod failpoint;
+mod latch;
 mod overlay;
 mod sync;
 mod uring;
@@ -17,6 +19,7 @@ use std::io;
 use std::os::fd::RawFd;
 
 pub use disk::{Disk, DiskSource, EngineKind, OpenOptions};
+pub use latch::{FlushLatch, LatchObserver};
 pub use overlay::{Overlay, OverlayEngine, OverlayError, CLUSTER_SIZE};
 pub use sync::SyncEngine;
 pub use uring::UringEngine;

@@ -29,6 +29,24 @@
 //! the write completes, so a write to an unallocated cluster is
 //! synchronous on its queue's thread, while reads and writes of allocated
 //! clusters go through io_uring.
+//!
+//! ## Durability
+//! Every allocation bumps an allocation generation (under the mutex); the
+//! bitmap on disk covers a durable generation. A flush reads the
+//! allocation generation on entry and returns only once the durable one
+//! covers it, whether it wrote the bitmap itself or another flush, running
+//! at the same time on another queue, did: no flush is acknowledged before
+//! the bitmap naming every cluster it saw allocated is durable.
+//!
+//! In write-through mode (the guest turned its write cache off) a write
+//! that allocates a cluster, and every discard and write-zeroes, is
+//! followed by a flush before it completes: data and bitmap are durable
+//! when the guest sees the completion, as a guest that never flushes
+//! expects.
+//!
+//! A failed data sync trips the disk's [`FlushLatch`]: every later flush
+//! fails. A failed bitmap write does not: the bitmap is rewritten whole
+//! from memory by the next flush, so retrying it is safe.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -43,7 +61,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::{fallocate_mode, is_unsupported, zero_range_slow};
 use super::{
-    BlockError, Completion, Engine, EngineKind, IoSlice, Op, OpKind, SyncEngine, UringEngine,
+    failpoint, BlockError, Completion, Engine, EngineKind, FlushLatch, IoSlice, Op, OpKind,
+    SyncEngine, UringEngine,
 };
 use crate::sys;
 
@@ -82,7 +101,17 @@ pub struct Overlay {
     size: u64,
     bits: Vec<AtomicU64>,
     meta: Mutex<Meta>,
-    dirty: AtomicBool,
+    /// Bumped, under `meta`, each time a cluster is allocated.
+    alloc_gen: AtomicU64,
+    /// The `alloc_gen` that the bitmap on disk covers.
+    durable_gen: AtomicU64,
+    /// The guest turned its write cache off: see the module docs.
+    write_through: AtomicBool,
+    latch: Arc<FlushLatch>,
+    /// Runs between the data sync and the bitmap write of a flush, so a
+    /// test can hold a flush there and race another against it.
+    #[cfg(test)]
+    pub(crate) after_data_sync: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 struct Meta {
@@ -220,7 +249,12 @@ impl Overlay {
                 generation,
                 slot,
             }),
-            dirty: AtomicBool::new(false),
+            alloc_gen: AtomicU64::new(0),
+            durable_gen: AtomicU64::new(0),
+            write_through: AtomicBool::new(false),
+            latch: FlushLatch::new(data.display().to_string()),
+            #[cfg(test)]
+            after_data_sync: Mutex::new(None),
         })
     }
 
@@ -232,9 +266,33 @@ impl Overlay {
         self.bits[(cluster / 64) as usize].load(Ordering::Acquire) & (1 << (cluster % 64)) != 0
     }
 
-    fn set_allocated(&self, cluster: u64) {
-        self.bits[(cluster / 64) as usize].fetch_or(1 << (cluster % 64), Ordering::Release);
-        self.dirty.store(true, Ordering::Release);
+    /// Marks `cluster` allocated. The caller holds `meta`, so a flush's
+    /// bitmap snapshot and the generation it records agree.
+    fn set_allocated(&self, cluster: u64, _meta: &Meta) {
+        let word = &self.bits[(cluster / 64) as usize];
+        let bit = 1 << (cluster % 64);
+        if word.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+            self.alloc_gen.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The disk's flush-error latch, shared with the engines of its data
+    /// file.
+    pub fn latch(&self) -> &Arc<FlushLatch> {
+        &self.latch
+    }
+
+    /// Write-through mode: see the module docs.
+    pub fn set_write_through(&self, on: bool) {
+        self.write_through.store(on, Ordering::Release);
+    }
+
+    fn write_through(&self) -> bool {
+        self.write_through.load(Ordering::Acquire)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.latch.pass(failpoint::sync_data(&self.data))
     }
 
     /// Allocated clusters, for `volume show`.
@@ -246,43 +304,53 @@ impl Overlay {
     }
 
     /// Make every completed write durable: data first, then the bitmap if
-    /// clusters were allocated since the last flush.
+    /// clusters were allocated that the bitmap on disk does not name yet.
+    /// Returns only when the durable generation covers every allocation
+    /// made before the call (see the module docs).
     pub fn flush(&self) -> io::Result<()> {
-        if !self.dirty.load(Ordering::Acquire) {
-            return self.data.sync_data();
+        self.latch.check()?;
+        let target = self.alloc_gen.load(Ordering::Acquire);
+        if self.durable_gen.load(Ordering::Acquire) >= target {
+            return self.sync_data();
         }
         let mut meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
-        // Snapshot first: every bit in it was set after its data write
-        // returned, so the fdatasync below makes that data durable.
-        self.dirty.store(false, Ordering::Release);
+        if self.durable_gen.load(Ordering::Acquire) >= target {
+            // Another flush wrote a bitmap covering ours while we waited
+            // for the lock; the data written since still needs its sync.
+            drop(meta);
+            return self.sync_data();
+        }
+        // Snapshot under the lock: no allocation runs meanwhile, so the
+        // bitmap holds exactly the allocations up to `covers`, and each
+        // bit was set after its data write returned, so the fdatasync
+        // below makes that data durable before the bitmap names it.
+        let covers = self.alloc_gen.load(Ordering::Acquire);
         let bm: Vec<u8> = self
             .bits
             .iter()
             .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
             .collect();
-        if let Err(e) = self.data.sync_data() {
-            self.dirty.store(true, Ordering::Release);
-            return Err(e);
+        self.sync_data()?;
+        #[cfg(test)]
+        if let Some(hook) = self
+            .after_data_sync
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            hook();
         }
         let next = meta.generation + 1;
         let slot = 1 - meta.slot;
         let off = slot * slot_len(self.size);
-        let result = meta
-            .file
+        meta.file
             .write_all_at(&header(self.size, next, &bm), off)
             .and_then(|_| meta.file.write_all_at(&bm, off + HEADER))
-            .and_then(|_| meta.file.sync_data());
-        match result {
-            Ok(()) => {
-                meta.generation = next;
-                meta.slot = slot;
-                Ok(())
-            }
-            Err(e) => {
-                self.dirty.store(true, Ordering::Release);
-                Err(e)
-            }
-        }
+            .and_then(|_| failpoint::sync_data(&meta.file))?;
+        meta.generation = next;
+        meta.slot = slot;
+        self.durable_gen.store(covers, Ordering::Release);
+        Ok(())
     }
 
     /// Write, to the new file `path`, the bitmap of this overlay grown to
@@ -343,7 +411,7 @@ impl Overlay {
         unmap: bool,
     ) -> io::Result<()> {
         let cluster = offset / CLUSTER_SIZE;
-        let _guard = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = self.meta.lock().unwrap_or_else(|e| e.into_inner());
         let start = cluster * CLUSTER_SIZE;
         let end = (start + CLUSTER_SIZE).min(self.size);
         let whole = offset == start && offset + len == end;
@@ -372,7 +440,7 @@ impl Overlay {
             }
             self.data.write_all_at(&buf, start)?;
         }
-        self.set_allocated(cluster);
+        self.set_allocated(cluster, &guard);
         Ok(())
     }
 }
@@ -431,13 +499,15 @@ pub struct OverlayEngine {
 impl OverlayEngine {
     pub fn new(ov: Arc<Overlay>, kind: EngineKind, depth: usize) -> Result<Self, BlockError> {
         let event = EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?;
+        let latch = ov.latch.clone();
         let make = |file: Arc<File>| -> Result<Box<dyn Engine>, BlockError> {
             let ev = event.try_clone().map_err(BlockError::EventFd)?;
+            let latch = latch.clone();
             Ok(match kind {
                 EngineKind::Sync | EngineKind::Null => {
-                    Box::new(SyncEngine::new(file, None, depth, ev)?)
+                    Box::new(SyncEngine::new(file, None, depth, ev, latch)?)
                 }
-                EngineKind::IoUring => Box::new(UringEngine::new(file, None, depth, ev)?),
+                EngineKind::IoUring => Box::new(UringEngine::new(file, None, depth, ev, latch)?),
             })
         };
         let data = make(ov.data.clone())?;
@@ -522,7 +592,25 @@ impl OverlayEngine {
 
     /// Writes, discards and write-zeroes: allocated clusters through the
     /// data engine (writes) or fallocate; unallocated ones synchronously.
+    /// In write-through mode, whatever was done synchronously (an
+    /// allocation, a discard, a write-zeroes) is flushed before the
+    /// operation completes; the asynchronous writes carry RWF_DSYNC.
     fn modify(&mut self, op: &Op, slot: u64) {
+        let mut synchronous = false;
+        let result = self.modify_parts(op, slot, &mut synchronous);
+        let result = result.and_then(|()| {
+            if synchronous && self.ov.write_through() {
+                self.ov.flush()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = result {
+            self.fail(slot, e);
+        }
+    }
+
+    fn modify_parts(&mut self, op: &Op, slot: u64, synchronous: &mut bool) -> io::Result<()> {
         let (mut pos, end) = (op.offset, op.offset + op.len);
         while pos < end {
             let cluster = pos / CLUSTER_SIZE;
@@ -548,12 +636,11 @@ impl OverlayEngine {
                 OpKind::WriteZeroes { unmap } => self.ov.write_in_cluster(pos, len, None, unmap),
                 OpKind::Read | OpKind::Flush => Ok(()),
             };
-            if let Err(e) = result {
-                self.fail(slot, e);
-                return;
-            }
+            *synchronous = true;
+            result?;
             pos = cend;
         }
+        Ok(())
     }
 
     fn finish_parts(&mut self, slot: u64, result: io::Result<u64>) {
@@ -688,6 +775,7 @@ impl Engine for OverlayEngine {
     }
 
     fn set_write_through(&mut self, on: bool) {
+        self.ov.set_write_through(on);
         self.data.set_write_through(on);
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::{fallocate_mode, is_unsupported, zero_range_slow, DirectFile};
-use super::{BlockError, Completion, Engine, Op, OpKind};
+use super::{failpoint, BlockError, Completion, Engine, FlushLatch, Op, OpKind};
 use crate::sys;
 
 pub struct SyncEngine {
@@ -25,6 +25,8 @@ pub struct SyncEngine {
     event: EventFd,
     depth: usize,
     write_through: bool,
+    /// `None`: the null device, which has nothing to flush.
+    latch: Option<Arc<FlushLatch>>,
 }
 
 impl SyncEngine {
@@ -33,6 +35,7 @@ impl SyncEngine {
         direct: Option<DirectFile>,
         depth: usize,
         event: EventFd,
+        latch: Arc<FlushLatch>,
     ) -> Result<Self, BlockError> {
         Ok(SyncEngine {
             file: Some(file),
@@ -41,6 +44,7 @@ impl SyncEngine {
             event,
             depth,
             write_through: false,
+            latch: Some(latch),
         })
     }
 
@@ -53,7 +57,17 @@ impl SyncEngine {
             event: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
             depth,
             write_through: false,
+            latch: None,
         })
+    }
+
+    /// A data sync through the disk's latch.
+    fn sync(&self, file: &File) -> io::Result<()> {
+        let r = failpoint::sync_data(file);
+        match &self.latch {
+            Some(l) => l.pass(r),
+            None => r,
+        }
     }
 
     fn run(&self, op: &mut Op) -> io::Result<u64> {
@@ -68,9 +82,16 @@ impl SyncEngine {
         };
         match op.kind {
             OpKind::Read | OpKind::Write => self.transfer(file, op),
-            OpKind::Flush => file.sync_data().map(|_| 0),
-            OpKind::Discard => zero(file, op.offset, op.len, true),
-            OpKind::WriteZeroes { unmap } => zero(file, op.offset, op.len, unmap),
+            OpKind::Flush => self.sync(file).map(|_| 0),
+            OpKind::Discard | OpKind::WriteZeroes { .. } => {
+                let unmap = !matches!(op.kind, OpKind::WriteZeroes { unmap: false });
+                let n = zero(file, op.offset, op.len, unmap)?;
+                // Write-through: the range is durable before it completes.
+                if self.write_through {
+                    self.sync(file)?;
+                }
+                Ok(n)
+            }
         }
     }
 

@@ -271,3 +271,58 @@ fn the_notifier_fires_for_late_completions() {
         assert_eq!(out.len(), 1, "direct={direct}");
     }
 }
+
+#[test]
+fn a_failed_flush_is_latched_for_every_queue_of_the_disk() {
+    for (kind, direct) in engines() {
+        let f = file();
+        let disk = open(&f, kind, direct);
+        let mut q0 = disk.new_engine(8).unwrap();
+        let mut q1 = disk.new_engine(8).unwrap();
+        let mut buf = vec![0x42u8; 4096];
+        run(q0.as_mut(), Op::write(0, vec![slice(&mut buf)])).unwrap();
+        run(q0.as_mut(), Op::flush()).unwrap();
+        failpoint::fail_syncs(f.as_file(), 1);
+        let err = run(q0.as_mut(), Op::flush()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{kind:?}");
+        // The fault has passed; the data it lost has not come back.
+        for q in [&mut q0, &mut q1] {
+            assert!(run(q.as_mut(), Op::flush()).is_err(), "{kind:?}");
+        }
+        assert!(disk.sync().is_err(), "{kind:?}: shutdown sync");
+        let why = disk.flush_latch().reason().unwrap();
+        assert!(why.contains(&f.path().display().to_string()), "{why}");
+        // Reads and writes still work.
+        run(q1.as_mut(), Op::write(4096, vec![slice(&mut buf)])).unwrap();
+        // Reopening (an export restart) starts clean.
+        drop((q0, q1, disk));
+        let disk = open(&f, kind, direct);
+        run(disk.new_engine(8).unwrap().as_mut(), Op::flush()).unwrap();
+    }
+}
+
+#[test]
+fn write_through_discard_and_write_zeroes_sync_before_completing() {
+    for (kind, direct) in engines() {
+        let f = file();
+        let disk = open(&f, kind, direct);
+        let mut e = disk.new_engine(8).unwrap();
+        // With the write cache on, no sync: the armed fault stays unused.
+        failpoint::fail_syncs(f.as_file(), 1);
+        run(e.as_mut(), Op::discard(0, 65536)).unwrap();
+        run(e.as_mut(), Op::write_zeroes(65536, 65536, false)).unwrap();
+        e.set_write_through(true);
+        // Write-through: each one syncs, so the fault now shows.
+        assert!(run(e.as_mut(), Op::discard(0, 65536)).is_err(), "{kind:?}");
+        drop(e);
+        let disk = open(&f, kind, direct);
+        let mut e = disk.new_engine(8).unwrap();
+        e.set_write_through(true);
+        failpoint::fail_syncs(f.as_file(), 1);
+        assert!(
+            run(e.as_mut(), Op::write_zeroes(65536, 65536, false)).is_err(),
+            "{kind:?}"
+        );
+        failpoint::fail_syncs(f.as_file(), 0);
+    }
+}

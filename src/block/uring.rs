@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{fallocate_mode, is_unsupported, zero_range_slow, DirectFile};
 use super::sync::advance;
-use super::{BlockError, Completion, Engine, Op, OpKind};
+use super::{failpoint, BlockError, Completion, Engine, FlushLatch, Op, OpKind};
 use crate::sys::IoSlice;
 
 struct Slot {
@@ -40,6 +40,9 @@ pub struct UringEngine {
     ready: VecDeque<Completion>,
     in_flight: usize,
     write_through: bool,
+    /// The disk's flush-error latch: a failed fdatasync fails every later
+    /// flush.
+    latch: Arc<FlushLatch>,
     /// Cleared the first time the filesystem refuses FALLOC_FL_ZERO_RANGE.
     zero_range: bool,
     /// Reused buffer for reaped CQEs.
@@ -74,6 +77,7 @@ impl UringEngine {
         direct: Option<DirectFile>,
         depth: usize,
         event: EventFd,
+        latch: Arc<FlushLatch>,
     ) -> Result<Self, BlockError> {
         let depth = depth.clamp(1, 4096);
         let ring = IoUring::new(depth.next_power_of_two() as u32).map_err(BlockError::Uring)?;
@@ -94,6 +98,7 @@ impl UringEngine {
             ready: VecDeque::new(),
             in_flight: 0,
             write_through: false,
+            latch,
             zero_range: true,
             cqes: Vec::with_capacity(depth),
         })
@@ -192,11 +197,17 @@ impl UringEngine {
                         !matches!(kind, OpKind::WriteZeroes { unmap: false }),
                     );
                     let r = zero_range_slow(self.file.as_fd(), &self.file, off, len, unmap)
-                        .map(|_| len);
+                        .and_then(|()| self.write_through_sync())
+                        .map(|()| len);
                     self.finish(idx, r);
                     return Ok(());
                 }
             }
+            let err = if kind == OpKind::Flush {
+                self.latch.trip(err)
+            } else {
+                err
+            };
             self.finish(idx, Err(err));
             return Ok(());
         }
@@ -215,12 +226,33 @@ impl UringEngine {
                     self.queue_sqe(idx)?;
                 }
             }
-            _ => {
+            OpKind::Flush => {
+                let r = if failpoint::sync_fails(&self.file) {
+                    Err(io::Error::from_raw_os_error(libc::EIO))
+                } else {
+                    Ok(0)
+                };
+                // Fails too when another queue's flush tripped the latch.
+                let r = self.latch.pass(r);
+                self.finish(idx, r);
+            }
+            OpKind::Discard | OpKind::WriteZeroes { .. } => {
                 let len = slot.op.len;
-                self.finish(idx, Ok(len));
+                let r = self.write_through_sync().map(|()| len);
+                self.finish(idx, r);
             }
         }
         Ok(())
+    }
+
+    /// In write-through mode, a discard or write-zeroes is followed by a
+    /// data sync before it completes (synchronously: they are rare, and
+    /// a guest without a write cache is waiting for durability anyway).
+    fn write_through_sync(&self) -> io::Result<()> {
+        if !self.write_through {
+            return Ok(());
+        }
+        self.latch.pass(failpoint::sync_data(&self.file))
     }
 }
 
