@@ -925,3 +925,24 @@ fn memory_mapped_during_io_is_usable_at_once() {
         );
     }
 }
+
+/// A frontend that reconnects after a daemon restart sets the rings up
+/// again without kicking them, and a guest using EVENT_IDX does not kick
+/// again for requests it offered before: the daemon finds them by itself
+/// (its periodic rescan). Here a request is offered and never kicked.
+#[test]
+fn a_request_offered_without_a_kick_is_served() {
+    let fx = Fixture::file(DISK_SIZE, |e| e);
+    let mut raw = RawClient::connect(fx.daemon.socket(0)).expect("raw connect");
+    // One kicked request first, so the queue is up and waiting.
+    raw.write(0, &[1u8; 512]).expect("kicked write");
+    let t = std::time::Instant::now();
+    raw.write_unkicked(4096, &[9u8; 4096])
+        .expect("an unkicked write is served");
+    let took = t.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "the unkicked request waited {took:?}"
+    );
+    assert_eq!(raw.read(4096, 4096).unwrap(), vec![9u8; 4096]);
+}

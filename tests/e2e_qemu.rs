@@ -23,7 +23,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use guest::{Disk, Guest, GuestRun};
+use guest::{Disk, Guest, GuestRun, RunningGuest};
 use server::{Export, Server, ServerKind};
 
 const MIB: u64 = 1 << 20;
@@ -596,4 +596,84 @@ fn restart_with_sigterm_under_io() {
 #[test]
 fn restart_after_sigkill_under_io() {
     restart_under_io(true);
+}
+
+/// A VM paused and resumed (QMP `stop`/`cont`: GET_VRING_BASE and
+/// SET_VRING_ENABLE on every queue) 20 times while fio keeps both queues
+/// busy, then reset 3 times: no control message waits behind the load, and
+/// after every reset each queue (one per vCPU) serves again.
+#[test]
+fn stop_cont_and_reset_under_load_keep_every_queue_serving() {
+    let fx = Fixture::new(64 * MIB, |_| {}, |e| e.queues(2));
+    // Each boot: a write and read-back from each vCPU (so on each queue),
+    // then fio on both vCPUs until the VM is reset or the test ends.
+    let mut guest = Guest::new()
+        .cpus(2)
+        .timeout(Duration::from_secs(300))
+        .qmp()
+        .allow_reboot()
+        .disk(Disk::new(&fx.socket).queues(2))
+        .spawn(
+            r#"
+set -e
+seq 1 300000 | head -c 1048576 > /tmp/p
+for cpu in 1 2; do
+    taskset $cpu dd if=/tmp/p of=/dev/vda bs=65536 seek=$((cpu * 16)) oflag=direct conv=notrunc 2>/dev/null
+    taskset $cpu dd if=/dev/vda of=/tmp/r bs=65536 skip=$((cpu * 16)) count=16 iflag=direct 2>/dev/null
+    cmp /tmp/p /tmp/r
+done
+echo "QUEUES-OK"
+fio --name=load --filename=/dev/vda --rw=randrw --bs=4k --iodepth=16 --numjobs=2 \
+    --cpus_allowed=0,1 --cpus_allowed_policy=split --ioengine=libaio --direct=1 \
+    --offset=8M --size=32M --time_based --runtime=600 --group_reporting >/dev/null
+"#,
+        );
+    let fail = |why: String, guest: RunningGuest, fx: &Fixture| -> ! {
+        let run = guest.wait();
+        panic!("{why}\n{run}\n{}", fx.server.log_section());
+    };
+    if !guest.wait_for_lines("QUEUES-OK", 1) {
+        fail(
+            "the first boot did not serve both queues".into(),
+            guest,
+            &fx,
+        );
+    }
+    // Let fio get going.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        guest.qmp("stop", serde_json::json!({}));
+        worst = worst.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+        let t = std::time::Instant::now();
+        guest.qmp("cont", serde_json::json!({}));
+        worst = worst.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    eprintln!("slowest QMP stop/cont under load: {worst:?}");
+    for boot in 2..=4 {
+        guest.qmp("system_reset", serde_json::json!({}));
+        if !guest.wait_for_lines("QUEUES-OK", boot) {
+            fail(
+                format!("after reset {} a queue did not serve", boot - 1),
+                guest,
+                &fx,
+            );
+        }
+    }
+    let console = guest.console();
+    drop(guest);
+    let log = fx.server.log();
+    assert!(
+        !log.contains("stopped:"),
+        "a queue worker stopped:\n{log}\n{console}"
+    );
+    // QEMU under TCG pauses its vCPUs too; the daemon's share is small.
+    assert!(
+        worst < Duration::from_secs(2),
+        "a QMP stop or cont took {worst:?} under load"
+    );
+    fx.stop();
 }

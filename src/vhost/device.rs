@@ -3,23 +3,27 @@
 //!
 //! One worker thread per queue (`queues_per_thread`), each with its own
 //! engine behind its own mutex: the mutex is only ever contended by
-//! GET_VRING_BASE (stop_vring), never by another queue.
+//! GET_VRING_BASE (stop_vring), never by another queue, and the worker
+//! holds it one bounded step at a time.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::os::fd::AsRawFd;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::VhostUserBackend;
+
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::config::DeviceConfig;
 use super::stats::{QueueStats, StatsSnapshot};
-use super::worker::{AtomicMem, QueueWorker, Vring};
+use super::worker::{serve, AtomicMem, QueueWorker, Vring, Wake};
 use crate::block::{BlockError, Disk};
 
 /// Largest queue we accept from a frontend (QEMU's default is 128,
@@ -35,6 +39,14 @@ pub const ENGINE_DEPTH: usize = 256;
 /// `VDISK_POLL_US` overrides it (0 turns polling off).
 pub const POLL_US: u64 = 50;
 
+/// How often each queue looks at its avail ring without being kicked. A
+/// frontend that reconnects (QEMU's `reconnect-ms` after a daemon restart)
+/// sets the rings up again but does not kick them, and a guest using
+/// EVENT_IDX does not kick again for requests it offered before: without a
+/// look of our own those requests would wait forever. A look at an empty
+/// or stopped ring is a lock and two loads, five times a second.
+pub const RESCAN_MS: u64 = 200;
+
 fn poll_interval() -> std::time::Duration {
     let us = std::env::var("VDISK_POLL_US")
         .ok()
@@ -46,6 +58,8 @@ fn poll_interval() -> std::time::Duration {
 pub struct BlockDevice {
     cfg: DeviceConfig,
     workers: Vec<Mutex<QueueWorker>>,
+    /// One periodic timer per queue thread: see [`RESCAN_MS`].
+    rescans: Vec<Mutex<TimerFd>>,
     stats: Vec<Arc<QueueStats>>,
     event_idx: AtomicBool,
     dirty_log: AtomicBool,
@@ -73,9 +87,19 @@ impl BlockDevice {
                 Ok(Mutex::new(w))
             })
             .collect::<Result<_, BlockError>>()?;
+        let rescans = (0..cfg.num_queues)
+            .map(|_| {
+                let mut t = TimerFd::new().map_err(|e| BlockError::EventFd(e.into()))?;
+                let every = std::time::Duration::from_millis(RESCAN_MS);
+                t.reset(every, Some(every))
+                    .map_err(|e| BlockError::EventFd(e.into()))?;
+                Ok(Mutex::new(t))
+            })
+            .collect::<Result<_, BlockError>>()?;
         Ok(BlockDevice {
             cfg,
             workers,
+            rescans,
             stats,
             event_idx: AtomicBool::new(false),
             dirty_log: AtomicBool::new(false),
@@ -91,6 +115,19 @@ impl BlockDevice {
     /// `num_queues` belong to vhost-user-backend (queues and its exit event).
     pub fn completion_token(&self) -> u64 {
         u64::from(self.cfg.num_queues) + 1
+    }
+
+    /// The epoll token of the queue threads' rescan timers.
+    pub fn rescan_token(&self) -> u64 {
+        self.completion_token() + 1
+    }
+
+    /// The rescan timer to register with worker thread `i`'s epoll loop.
+    pub fn rescan_fd(&self, i: usize) -> std::os::fd::RawFd {
+        self.rescans[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_raw_fd()
     }
 
     fn worker(&self, i: usize) -> MutexGuard<'_, QueueWorker> {
@@ -204,23 +241,32 @@ impl VhostUserBackend for BlockDevice {
         let Some(vring) = vrings.first() else {
             return Ok(());
         };
-        let dirty_log = self.dirty_log.load(Ordering::Relaxed);
-        let mut w = self.worker(thread_id);
-        let result = if u64::from(device_event) == self.completion_token() {
-            w.on_completion(
-                vring,
-                &self.cfg,
-                self.event_idx.load(Ordering::Relaxed),
-                dirty_log,
-            )
-        } else {
-            w.on_kick(
-                vring,
-                &self.cfg,
-                self.event_idx.load(Ordering::Relaxed),
-                dirty_log,
-            )
+        let Some(worker) = self.workers.get(thread_id) else {
+            return Ok(());
         };
+        // The worker's mutex and the vring lock are taken step by step
+        // inside `serve`, so stop_vring and the message thread get in
+        // between (see worker::MAX_BATCH).
+        let token = u64::from(device_event);
+        let wake = if token == self.completion_token() {
+            Wake::Completion
+        } else if token == self.rescan_token() {
+            if let Some(t) = self.rescans.get(thread_id) {
+                // Readable, so this read does not block.
+                let _ = t.lock().unwrap_or_else(|e| e.into_inner()).wait();
+            }
+            Wake::Rescan
+        } else {
+            Wake::Kick
+        };
+        let result = serve(
+            worker,
+            vring,
+            &self.cfg,
+            self.event_idx.load(Ordering::Relaxed),
+            self.dirty_log.load(Ordering::Relaxed),
+            wake,
+        );
         result.map_err(|e| {
             log::error!("{}: queue {thread_id} stopped: {e}", self.name);
             io::Error::from(e)

@@ -171,13 +171,14 @@ fn serve(
             }
         };
         for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            if let Err(e) = handler.register_listener(
-                device.notifier(i),
-                EventSet::IN,
-                device.completion_token(),
-            ) {
-                log::error!("export {name}: cannot watch queue {i}'s completions: {e}");
-                return;
+            for (fd, token, what) in [
+                (device.notifier(i), device.completion_token(), "completions"),
+                (device.rescan_fd(i), device.rescan_token(), "rescan timer"),
+            ] {
+                if let Err(e) = handler.register_listener(fd, EventSet::IN, token) {
+                    log::error!("export {name}: cannot watch queue {i}'s {what}: {e}");
+                    return;
+                }
             }
         }
         if let Err(e) = daemon.start(&mut listener) {

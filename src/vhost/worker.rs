@@ -127,9 +127,7 @@ impl QueueWorker {
         self.mem = mem;
     }
 
-    /// A kick (or a completion): finish what the engine completed, take
-    /// every available chain, then poll the avail ring and the engine for
-    /// up to `poll` before going back to sleep.
+    /// A kick: serve the queue to the end (see [`serve`]).
     pub fn on_kick(
         &mut self,
         vring: &Vring,
@@ -137,101 +135,138 @@ impl QueueWorker {
         event_idx: bool,
         dirty_log: bool,
     ) -> Result<(), QueueError> {
-        if self.vring.is_none() {
-            self.vring = Some(vring.clone());
-        }
-        self.engine.set_write_through(!cfg.writeback());
-        // While this thread is awake it reaps by itself: completions need
-        // not wake it (re-armed below, before it sleeps).
-        self.engine.set_notify(false);
-        let result = self.process(vring, cfg, event_idx, dirty_log);
-        self.engine.set_notify(true);
-        result?;
-        // A completion posted between the last check and re-arming the
-        // notifier signalled nothing: look once more.
-        if self.engine.has_completions() {
-            let mem = self.mem.memory().into_inner();
-            let mut state = vring.get_mut();
-            if self.reap(&mut state, dirty_log)? {
-                self.signal(&mut state, &mem)?;
-            }
-        }
-        Ok(())
+        serve(self, vring, cfg, event_idx, dirty_log, Wake::Kick)
     }
 
-    fn process(
+    /// The engine's notifier fired: complete what finished, then serve the
+    /// queue as a kick would.
+    pub fn on_completion(
         &mut self,
         vring: &Vring,
         cfg: &DeviceConfig,
         event_idx: bool,
         dirty_log: bool,
     ) -> Result<(), QueueError> {
+        serve(self, vring, cfg, event_idx, dirty_log, Wake::Completion)
+    }
+
+    /// The start of a wake-up. While this thread is awake it reaps by
+    /// itself: completions need not wake it (re-armed in [`Self::finish`]).
+    fn begin(&mut self, vring: &Vring, cfg: &DeviceConfig, wake: Wake) -> Duration {
+        if wake == Wake::Completion {
+            self.engine.ack_notifier();
+        }
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+        self.engine.set_write_through(!cfg.writeback());
+        self.engine.set_notify(false);
+        if wake == Wake::Rescan {
+            // A look, not a wake-up by the guest: no poll window after it.
+            Duration::ZERO
+        } else {
+            self.poll
+        }
+    }
+
+    /// One bounded pass, holding the vring lock only inside: complete what
+    /// the engine finished, take at most [`MAX_BATCH`] chains, start them,
+    /// and signal the guest if the used ring changed. Guest notifications
+    /// stay off (EVENT_IDX) until [`Self::finish`].
+    fn pass(
+        &mut self,
+        vring: &Vring,
+        cfg: &DeviceConfig,
+        event_idx: bool,
+        dirty_log: bool,
+    ) -> Result<Pass, QueueError> {
         let mut state = vring.get_mut();
-        // Completions first: they free slots and make the used ring current.
         let mut signal = self.reap(&mut state, dirty_log)?;
-        let mut mem;
-        loop {
+        let mut mem = self.mem.memory().into_inner();
+        if event_idx && serving(&state) {
+            match state.get_queue_mut().disable_notification(&*mem) {
+                Ok(()) => {}
+                // A ring outside mapped memory is not ready: nothing to take.
+                Err(virtio_queue::Error::GuestMemory(e)) => {
+                    log::debug!("queue {}: used ring not writable yet: {e}", self.index);
+                    return Ok(Pass::Idle);
+                }
+                Err(e) => return Err(QueueError::UsedRing(e)),
+            }
+        }
+        // A driver publishes a chain only after the frontend has mapped the
+        // memory it uses (ADD_MEM_REG is acknowledged first). Read the avail
+        // index, then take a memory view at least that new, and take no
+        // chain beyond that index.
+        let pending = self.pending_chains(&state, &mem)?;
+        let take = pending.min(MAX_BATCH);
+        if take > 0 {
             mem = self.mem.memory().into_inner();
-            if event_idx {
-                match state.get_queue_mut().disable_notification(&*mem) {
-                    Ok(()) => {}
-                    // As above: a ring outside mapped memory is not ready.
-                    Err(virtio_queue::Error::GuestMemory(e)) => {
-                        log::debug!("queue {}: used ring not writable yet: {e}", self.index);
-                        return Ok(());
-                    }
-                    Err(e) => return Err(QueueError::UsedRing(e)),
-                }
+            let size = state.get_queue().size();
+            let chains: Vec<_> = state
+                .get_queue_mut()
+                .iter(&*mem)
+                .map_err(QueueError::BrokenRing)?
+                .take(usize::from(take))
+                .collect();
+            for chain in chains {
+                signal |= self.start(chain, size, cfg, &mem, &mut state)?;
             }
-            loop {
-                // A driver publishes a chain only after the frontend has
-                // mapped the memory it uses (ADD_MEM_REG is acknowledged
-                // first). Read the avail index, then take a memory view at
-                // least that new, and take no chain beyond that index.
-                let pending = self.pending_chains(&state, &mem)?;
-                if pending == 0 {
-                    if signal {
-                        // The guest waits for these: tell it before polling.
-                        self.signal(&mut state, &mem)?;
-                        signal = false;
-                    }
-                    let more = self.poll(&mut state, dirty_log)?;
-                    // Polling may have lasted a while: use a current view.
-                    mem = self.mem.memory().into_inner();
-                    if !more {
-                        break;
-                    }
-                    continue;
-                }
-                mem = self.mem.memory().into_inner();
-                let size = state.get_queue().size();
-                let chains: Vec<_> = state
-                    .get_queue_mut()
-                    .iter(&*mem)
-                    .map_err(QueueError::BrokenRing)?
-                    .take(usize::from(pending))
-                    .collect();
-                for chain in chains {
-                    signal |= self.start(chain, size, cfg, &mem, &mut state)?;
-                }
-                self.submit();
-                // Page-cache hits complete inside the submit call: finish
-                // them now instead of on the next wake-up.
-                signal |= self.reap(&mut state, dirty_log)?;
-            }
-            if !event_idx
-                || !state
-                    .get_queue_mut()
-                    .enable_notification(&*mem)
-                    .map_err(QueueError::UsedRing)?
-            {
-                break;
-            }
+            self.submit();
+            // Page-cache hits complete inside the submit call: finish them
+            // now instead of on the next wake-up.
+            signal |= self.reap(&mut state, dirty_log)?;
         }
         if signal {
             self.signal(&mut state, &mem)?;
         }
-        Ok(())
+        Ok(if pending > take {
+            Pass::More
+        } else if take > 0 {
+            Pass::Took
+        } else {
+            Pass::Idle
+        })
+    }
+
+    /// One look while polling: true when the driver offered a chain or a
+    /// completion was finished (either restarts the poll window).
+    fn poll_once(&mut self, vring: &Vring, dirty_log: bool) -> Result<bool, QueueError> {
+        let mut state = vring.get_mut();
+        let mem = self.mem.memory().into_inner();
+        if self.pending_chains(&state, &mem)? > 0 {
+            return Ok(true);
+        }
+        if self.engine.has_completions() && self.reap(&mut state, dirty_log)? {
+            self.signal(&mut state, &mem)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Before sleeping: turn guest notifications and the engine's notifier
+    /// back on. Returns true when work arrived in between (a chain the
+    /// driver offered before it saw notifications on, a completion that
+    /// signalled nothing): the caller serves again instead of sleeping.
+    fn finish(&mut self, vring: &Vring, event_idx: bool) -> Result<bool, QueueError> {
+        let mut state = vring.get_mut();
+        if event_idx && serving(&state) {
+            let mem = self.mem.memory().into_inner();
+            match state.get_queue_mut().enable_notification(&*mem) {
+                Ok(true) => return Ok(true),
+                Ok(false) => {}
+                Err(virtio_queue::Error::GuestMemory(e)) => {
+                    log::debug!("queue {}: used ring not writable yet: {e}", self.index);
+                }
+                Err(e) => return Err(QueueError::UsedRing(e)),
+            }
+        }
+        self.engine.set_notify(true);
+        if self.engine.has_completions() {
+            self.engine.set_notify(false);
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     fn pending_chains(
@@ -239,6 +274,9 @@ impl QueueWorker {
         state: &VringStateMutGuardOf<'_>,
         mem: &Mem,
     ) -> Result<u16, QueueError> {
+        if !serving(state) {
+            return Ok(0);
+        }
         let queue = state.get_queue();
         let avail = match queue.avail_idx(mem, Ordering::Acquire) {
             Ok(a) => a,
@@ -257,53 +295,6 @@ impl QueueWorker {
             },
         };
         Ok((avail - Wrapping(queue.next_avail())).0)
-    }
-
-    /// Busy-poll for up to `self.poll`: returns true as soon as the driver
-    /// offers a new chain, completing engine work (and signalling) as it
-    /// arrives meanwhile; false when the time ran out. Polling saves the
-    /// guest's kick and this thread's wake-up at low queue depth, which is
-    /// most of a 4 KiB request's latency.
-    fn poll(
-        &mut self,
-        state: &mut VringStateMutGuardOf<'_>,
-        dirty_log: bool,
-    ) -> Result<bool, QueueError> {
-        if self.poll.is_zero() {
-            return Ok(false);
-        }
-        let deadline = Instant::now() + self.poll;
-        loop {
-            let mem = &*self.mem.memory().into_inner();
-            if self.pending_chains(state, mem)? > 0 {
-                return Ok(true);
-            }
-            if self.engine.has_completions() && self.reap(state, dirty_log)? {
-                self.signal(state, mem)?;
-                // Work came in: give the driver a full poll window again.
-                return self.poll(state, dirty_log);
-            }
-            if Instant::now() >= deadline {
-                return Ok(false);
-            }
-            // Yield rather than spin: when queue workers share a core (more
-            // queues than cores, or a pinned daemon) a spinning worker would
-            // hold the core for its whole time slice while another has work.
-            std::thread::yield_now();
-        }
-    }
-
-    /// The engine's notifier fired: complete what finished, then serve the
-    /// queue as a kick would.
-    pub fn on_completion(
-        &mut self,
-        vring: &Vring,
-        cfg: &DeviceConfig,
-        event_idx: bool,
-        dirty_log: bool,
-    ) -> Result<(), QueueError> {
-        self.engine.ack_notifier();
-        self.on_kick(vring, cfg, event_idx, dirty_log)
     }
 
     /// GET_VRING_BASE: wait for every request in flight and complete it,
@@ -582,6 +573,129 @@ impl QueueWorker {
 }
 
 type VringStateMutGuardOf<'a> = <Vring as VringStateMutGuard<'a, AtomicMem>>::G;
+
+/// Most chains one pass takes before it lets go of the vring lock and the
+/// worker's mutex. The vhost-user message thread needs them for
+/// SET_FEATURES (LOG_ALL when the VM starts migrating), SET_VRING_CALL,
+/// SET_VRING_ENABLE and GET_VRING_BASE, and QEMU waits for some of those
+/// synchronously: a message waits at most one pass of this many requests
+/// (tens of microseconds), however busy the guest keeps the queue.
+pub const MAX_BATCH: u16 = 64;
+
+/// What woke the queue's thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// The guest kicked.
+    Kick,
+    /// The engine's notifier: operations finished.
+    Completion,
+    /// The periodic rescan (see `device::RESCAN_MS`).
+    Rescan,
+}
+
+/// What one pass found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    /// It took [`MAX_BATCH`] chains and more are waiting.
+    More,
+    /// It took the chains there were.
+    Took,
+    /// There was no chain to take.
+    Idle,
+}
+
+/// True when the queue may be served. The frontend marks a queue not ready
+/// (GET_VRING_BASE, before `stop_vring`) or disables it; a completion that
+/// arrives then must not take chains from it, or the avail iterator's
+/// "not ready" error would be taken for a broken ring and stop the queue
+/// for good.
+fn serving(state: &VringStateMutGuardOf<'_>) -> bool {
+    state.get_queue().ready() && state.is_enabled()
+}
+
+/// How [`serve`] reaches the worker: directly (one owner, as in tests) or
+/// through the device's mutex, taken once per step so that `stop_vring`
+/// gets in between steps.
+pub trait WorkerAccess {
+    fn with<R>(&mut self, f: impl FnOnce(&mut QueueWorker) -> R) -> R;
+}
+
+impl WorkerAccess for &mut QueueWorker {
+    fn with<R>(&mut self, f: impl FnOnce(&mut QueueWorker) -> R) -> R {
+        f(self)
+    }
+}
+
+impl WorkerAccess for &std::sync::Mutex<QueueWorker> {
+    fn with<R>(&mut self, f: impl FnOnce(&mut QueueWorker) -> R) -> R {
+        // A worker that panicked is a bug; its state is still consistent
+        // enough to drain, so do not poison the whole device.
+        f(&mut self.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Serve a wake-up to the end:
+/// bounded passes while chains keep coming, then a poll window of the
+/// worker's `poll` in which a new chain or a completion starts the passes
+/// again, then guest notifications and the engine's notifier back on
+/// before sleeping. The vring lock and the worker are held one step at a
+/// time, never across the poll window or more than [`MAX_BATCH`] chains.
+/// Polling saves the guest's kick and this thread's wake-up at low queue
+/// depth, which is most of a 4 KiB request's latency.
+pub fn serve(
+    mut worker: impl WorkerAccess,
+    vring: &Vring,
+    cfg: &DeviceConfig,
+    event_idx: bool,
+    dirty_log: bool,
+    wake: Wake,
+) -> Result<(), QueueError> {
+    let poll = worker.with(|w| w.begin(vring, cfg, wake));
+    let result = serve_steps(&mut worker, vring, cfg, event_idx, dirty_log, poll);
+    if result.is_err() {
+        worker.with(|w| w.engine.set_notify(true));
+    }
+    result
+}
+
+fn serve_steps(
+    worker: &mut impl WorkerAccess,
+    vring: &Vring,
+    cfg: &DeviceConfig,
+    event_idx: bool,
+    dirty_log: bool,
+    poll: Duration,
+) -> Result<(), QueueError> {
+    loop {
+        if worker.with(|w| w.pass(vring, cfg, event_idx, dirty_log))? == Pass::More {
+            continue;
+        }
+        if !poll.is_zero() {
+            let deadline = Instant::now() + poll;
+            let mut found = false;
+            loop {
+                if worker.with(|w| w.poll_once(vring, dirty_log))? {
+                    found = true;
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+                // Yield rather than spin: when queue workers share a core
+                // (more queues than cores, or a pinned daemon) a spinning
+                // worker would hold the core for its whole time slice while
+                // another has work.
+                std::thread::yield_now();
+            }
+            if found {
+                continue;
+            }
+        }
+        if !worker.with(|w| w.finish(vring, event_idx))? {
+            return Ok(());
+        }
+    }
+}
 
 /// Host addresses of guest regions, split where guest memory regions end.
 fn host_slices(mem: &Mem, regions: &[Region]) -> Option<Vec<IoSlice>> {

@@ -450,3 +450,153 @@ fn a_failed_fsync_reaches_the_guest_as_ioerr() {
     assert_eq!(r.status(BUF + 0x9000), status::IOERR);
     assert_eq!(r.status(BUF + 0x9001), status::OK);
 }
+
+#[test]
+fn a_completion_on_a_queue_marked_not_ready_takes_nothing_and_the_queue_lives() {
+    for disable in [false, true] {
+        let mut r = Rig::new(EngineKind::Sync);
+        r.header(BUF, req_type::IN, 0);
+        r.offer(&[
+            (BUF, 16, 0),
+            (BUF + 0x1000, 512, F_WRITE),
+            (BUF + 0x9000, 1, F_WRITE),
+        ]);
+        // GET_VRING_BASE marks the queue not ready before stop_vring; a
+        // frontend may also disable it (SET_VRING_ENABLE 0).
+        if disable {
+            r.vring.set_enabled(false);
+        } else {
+            r.vring.set_queue_ready(false);
+        }
+        r.worker
+            .on_completion(&r.vring, &r.cfg, true, false)
+            .expect("a queue that is not ready has nothing to take, it is not broken");
+        assert!(r.used().is_empty(), "took a chain from a stopped queue");
+        // Resumed (or the guest rebooted on the same connection): it serves.
+        r.vring.set_queue_ready(true);
+        r.vring.set_enabled(true);
+        r.run(true).unwrap();
+        assert_eq!(r.used().len(), 1);
+        assert_eq!(r.status(BUF + 0x9000), status::OK);
+    }
+}
+
+/// The vhost-user message thread needs the vring lock and stop_vring needs
+/// the worker's mutex: while a guest keeps the queue busy without a pause,
+/// each must be had within 100 ms.
+#[test]
+fn control_messages_get_the_locks_while_the_guest_keeps_the_queue_busy() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    let r = Rig::new(EngineKind::Null);
+    const CHAINS: u16 = 4;
+    let m = r.m();
+    // Four chains of three descriptors (header, 4 KiB read, status).
+    for c in 0..CHAINS {
+        let head = c * 3;
+        let hdr = BUF + u64::from(c) * 0x100;
+        r.header(hdr, req_type::IN, u64::from(c) * 8);
+        let descs = [
+            (hdr, 16u32, F_NEXT),
+            (
+                BUF + 0x10000 + u64::from(c) * 0x1000,
+                4096,
+                F_NEXT | F_WRITE,
+            ),
+            (BUF + 0x9000 + u64::from(c), 1, F_WRITE),
+        ];
+        for (i, (addr, len, flags)) in descs.iter().enumerate() {
+            let idx = head + i as u16;
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&(idx + 1).to_le_bytes());
+            m.write_slice(&raw, GuestAddress(DESC + u64::from(idx) * 16))
+                .unwrap();
+        }
+    }
+    let vring = r.vring.clone();
+    let cfg = r.cfg;
+    let mut worker = r.worker;
+    worker.set_poll(Duration::from_micros(50));
+    let worker = Arc::new(Mutex::new(worker));
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+
+    // The guest: offers every chain, and offers each again as soon as it
+    // comes back in the used ring. The queue is never idle.
+    let guest = {
+        let (mem, stop, served) = (r.mem.clone(), stop.clone(), served.clone());
+        std::thread::spawn(move || {
+            let m = mem.memory();
+            let offer = |avail: &mut u16, head: u16| {
+                let slot = AVAIL + 4 + u64::from(*avail % QSIZE) * 2;
+                m.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
+                *avail = avail.wrapping_add(1);
+                m.write_obj(avail.to_le(), GuestAddress(AVAIL + 2)).unwrap();
+            };
+            let mut avail = 0u16;
+            for c in 0..CHAINS {
+                offer(&mut avail, c * 3);
+            }
+            let mut seen = 0u16;
+            while !stop.load(Ordering::Relaxed) {
+                let used: u16 = m.read_obj(GuestAddress(USED + 2)).unwrap();
+                while seen != used {
+                    let at = GuestAddress(USED + 4 + u64::from(seen % QSIZE) * 8);
+                    let id: u32 = m.read_obj(at).unwrap();
+                    offer(&mut avail, id as u16);
+                    seen = seen.wrapping_add(1);
+                    served.fetch_add(1, Ordering::Relaxed);
+                }
+                std::hint::spin_loop();
+            }
+        })
+    };
+    // The queue's thread: serves kick after kick.
+    let thread = {
+        let (worker, vring, stop) = (worker.clone(), vring.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                serve(&*worker, &vring, &cfg, false, false, Wake::Kick).unwrap();
+            }
+        })
+    };
+    let start = Instant::now();
+    while served.load(Ordering::Relaxed) < 1000 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the load never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut worst_vring = Duration::ZERO;
+    let mut worst_worker = Duration::ZERO;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(5));
+        let t = Instant::now();
+        drop(vring.get_mut());
+        worst_vring = worst_vring.max(t.elapsed());
+        let t = Instant::now();
+        drop(worker.lock().unwrap());
+        worst_worker = worst_worker.max(t.elapsed());
+    }
+    let before = served.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(20));
+    let still_busy = served.load(Ordering::Relaxed) > before;
+    stop.store(true, Ordering::Relaxed);
+    guest.join().unwrap();
+    thread.join().unwrap();
+    assert!(still_busy, "the load stopped, so the test proves nothing");
+    assert!(
+        worst_vring < Duration::from_millis(100),
+        "the vring lock took {worst_vring:?} to get under load"
+    );
+    assert!(
+        worst_worker < Duration::from_millis(100),
+        "the worker took {worst_worker:?} to get under load"
+    );
+}

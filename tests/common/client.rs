@@ -561,12 +561,20 @@ impl RawClient {
     }
 
     fn wait(&mut self) -> i32 {
+        self.wait_for(true)
+    }
+
+    /// Waits for the request just queued, kicking the device first when
+    /// `kick`; without a kick only the device's own rescan finds it.
+    fn wait_for(&mut self, kick: bool) -> i32 {
         let id = self.next_id;
         self.next_id += 1;
-        self.transport
-            .get_submission_notifier(0)
-            .notify()
-            .expect("kick");
+        if kick {
+            self.transport
+                .get_submission_notifier(0)
+                .notify()
+                .expect("kick");
+        }
         let deadline = Instant::now() + IO_TIMEOUT;
         loop {
             if let Some(c) = self.queue.completions().next() {
@@ -627,6 +635,22 @@ impl RawClient {
         }
         .expect("enqueue");
         Self::result(self.wait())
+    }
+
+    /// Writes `data` at `offset` without kicking the device, as a
+    /// frontend that reconnected after a daemon restart leaves the requests
+    /// its guest had offered before.
+    pub fn write_unkicked(&mut self, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        assert!(data.len() <= self.buf_len);
+        let id = self.next_id;
+        // SAFETY: `buf` maps `buf_len >= data.len()` bytes; nothing is in
+        // flight.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf, data.len());
+            self.queue.write_raw(offset, self.buf, data.len(), id)
+        }
+        .expect("enqueue");
+        Self::result(self.wait_for(false))
     }
 
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), Errno> {

@@ -151,6 +151,11 @@ pub struct Guest {
     pub timeout: Duration,
     /// Extra words for the kernel command line.
     pub append: String,
+    /// Serve QMP on a socket, for [`RunningGuest::qmp`].
+    pub qmp: bool,
+    /// Let a reset (QMP `system_reset`) reboot the guest; by default QEMU
+    /// runs with `-no-reboot` and a reset ends it.
+    pub reboot: bool,
 }
 
 impl Default for Guest {
@@ -160,6 +165,8 @@ impl Default for Guest {
             cpus: 1,
             timeout: Duration::from_secs(120),
             append: String::new(),
+            qmp: false,
+            reboot: false,
         }
     }
 }
@@ -181,6 +188,18 @@ impl Guest {
 
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
+        self
+    }
+
+    /// Serve QMP (see [`RunningGuest::qmp`]).
+    pub fn qmp(mut self) -> Self {
+        self.qmp = true;
+        self
+    }
+
+    /// Reboot on reset instead of exiting.
+    pub fn allow_reboot(mut self) -> Self {
+        self.reboot = true;
         self
     }
 
@@ -220,7 +239,11 @@ impl Guest {
                 "node,memdev=mem",
             ])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-no-reboot"])
+            .args(if self.reboot {
+                &[][..]
+            } else {
+                &["-no-reboot"][..]
+            })
             .args([
                 "-chardev",
                 &format!("file,id=console,path={}", console_path.display()),
@@ -248,6 +271,10 @@ impl Guest {
                 ),
             ]);
         }
+        let qmp_path = self.qmp.then(|| work.path().join("qmp.sock"));
+        if let Some(q) = &qmp_path {
+            cmd.args(["-qmp", &format!("unix:{},server=on,wait=off", q.display())]);
+        }
         let log = File::create(&qemu_log).expect("create qemu log");
         kill_with_parent(&mut cmd);
         cmd.stdin(Stdio::null())
@@ -264,6 +291,8 @@ impl Guest {
             deadline: started + self.timeout,
             console_path,
             qemu_log,
+            qmp_path,
+            qmp: None,
             _work: work,
             _slot: slot,
         }
@@ -277,6 +306,8 @@ pub struct RunningGuest {
     deadline: Instant,
     console_path: PathBuf,
     qemu_log: PathBuf,
+    qmp_path: Option<PathBuf>,
+    qmp: Option<std::io::BufReader<std::os::unix::net::UnixStream>>,
     _work: tempfile::TempDir,
     _slot: GuestSlot,
 }
@@ -304,6 +335,88 @@ impl RunningGuest {
                 return None;
             }
             thread::sleep(POLL);
+        }
+    }
+
+    /// Waits until the console has `n` lines that start with `prefix`;
+    /// false if QEMU exits or the guest's deadline passes first.
+    pub fn wait_for_lines(&mut self, prefix: &str, n: usize) -> bool {
+        loop {
+            let count = self
+                .console()
+                .lines()
+                .filter(|l| l.trim_end().starts_with(prefix))
+                .count();
+            if count >= n {
+                return true;
+            }
+            let exited = self.child.try_wait().expect("wait for qemu").is_some();
+            if exited || Instant::now() >= self.deadline {
+                return false;
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// Runs a QMP command (the guest was made with [`Guest::qmp`]) and
+    /// returns its `return` value; panics on an error reply, or when QEMU
+    /// does not answer within 30 s. Events read meanwhile are skipped.
+    pub fn qmp(&mut self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        use std::io::BufRead;
+        const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+        fn reply(
+            conn: &mut std::io::BufReader<std::os::unix::net::UnixStream>,
+        ) -> serde_json::Value {
+            loop {
+                let mut line = String::new();
+                match conn.read_line(&mut line) {
+                    Ok(0) => panic!("QMP: QEMU closed the connection"),
+                    Ok(_) => {}
+                    Err(e) => panic!("QMP: no reply: {e}"),
+                }
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP: {e}: {line}"));
+                if v.get("event").is_none() {
+                    return v;
+                }
+            }
+        }
+        if self.qmp.is_none() {
+            let path = self
+                .qmp_path
+                .clone()
+                .expect("the guest was made without .qmp()");
+            let deadline = Instant::now() + QMP_TIMEOUT;
+            let stream = loop {
+                match std::os::unix::net::UnixStream::connect(&path) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        thread::sleep(POLL);
+                    }
+                    Err(e) => panic!("QMP: connect {}: {e}", path.display()),
+                }
+            };
+            stream.set_read_timeout(Some(QMP_TIMEOUT)).unwrap();
+            let mut conn = std::io::BufReader::new(stream);
+            let greeting = reply(&mut conn);
+            assert!(greeting.get("QMP").is_some(), "QMP greeting: {greeting}");
+            conn.get_mut()
+                .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+                .unwrap();
+            let r = reply(&mut conn);
+            assert!(r.get("return").is_some(), "qmp_capabilities: {r}");
+            self.qmp = Some(conn);
+        }
+        let conn = self.qmp.as_mut().expect("connected above");
+        let msg = serde_json::json!({"execute": command, "arguments": arguments});
+        conn.get_mut()
+            .write_all(format!("{msg}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("QMP {command}: {e}"));
+        let r = reply(conn);
+        match r.get("return") {
+            Some(v) => v.clone(),
+            None => panic!("QMP {command}: {r}"),
         }
     }
 
