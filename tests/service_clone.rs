@@ -519,3 +519,86 @@ fn image_times_and_cache_budget_as_vdiskctl_prints_them() {
         );
     }
 }
+
+/// A full copy of a 1 GiB image runs without the service's exports lock:
+/// while it runs, `export start` of another volume and `stats` answer
+/// within 100 ms, and the volume being copied cannot be deleted.
+#[test]
+fn exports_and_stats_go_on_while_a_full_copy_runs() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let control = dir.path().join("control.sock");
+    let src = dir.path().join("big.img");
+    {
+        let mut f = std::fs::File::create(&src).unwrap();
+        let chunk = vec![0xabu8; 4 << 20];
+        for _ in 0..256 {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let d = Vdiskd::start(&state, &control);
+    d.ctl(&["image", "import", src.to_str().unwrap(), "--name", "big"]);
+    d.ctl(&["volume", "create", "small", "--size", "8M"]);
+
+    let mut copy = std::process::Command::new(vdiskd::VDISKCTL)
+        .args(["--control", control.to_str().unwrap()])
+        .args(["volume", "create", "copy", "--image", "big", "--full"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let list = d.ctl(&["volume", "list"]);
+        let creating = list["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "copy" && v["state"] == "creating");
+        if creating {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy never started: {list}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+
+    let socket = dir.path().join("small.sock");
+    let t = std::time::Instant::now();
+    d.ctl(&[
+        "export",
+        "start",
+        "small",
+        "--socket",
+        socket.to_str().unwrap(),
+    ]);
+    let export_took = t.elapsed();
+    let t = std::time::Instant::now();
+    d.ctl(&["stats"]);
+    let stats_took = t.elapsed();
+    let err = d.ctl_fails(&["volume", "delete", "copy"]);
+    let v = d.ctl(&["volume", "show", "copy"]);
+    assert_eq!(
+        v["state"], "creating",
+        "the copy ended before the checks: it proves nothing ({v})"
+    );
+    assert!(err.contains("busy"), "{err}");
+    assert!(
+        export_took < std::time::Duration::from_millis(100),
+        "export start took {export_took:?} during the copy"
+    );
+    assert!(
+        stats_took < std::time::Duration::from_millis(100),
+        "stats took {stats_took:?} during the copy"
+    );
+    assert!(copy.wait().unwrap().success());
+    let v = d.ctl(&["volume", "show", "copy"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    // The export started during the copy serves.
+    let mut c = connect(&socket);
+    c.write(0, &[5u8; 4096]).unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), vec![5u8; 4096]);
+}

@@ -95,7 +95,17 @@ mod tests {
     }
 
     #[test]
-    fn publish_without_watchers_is_fine() {
-        EventBus::new().publish(Event::now(EventKind::ExportStopped { volume: "a".into() }));
+    fn an_event_without_watchers_is_dropped_and_later_watchers_see_only_later_ones() {
+        let bus = EventBus::new();
+        bus.publish(Event::now(EventKind::ExportStopped { volume: "a".into() }));
+        assert_eq!(bus.watchers(), 0);
+        let mut sub = bus.subscribe();
+        assert_eq!(bus.watchers(), 1);
+        bus.publish(Event::now(EventKind::ExportStopped { volume: "b".into() }));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let next = rt.block_on(sub.next()).unwrap();
+        assert_eq!(next.kind, EventKind::ExportStopped { volume: "b".into() });
     }
 }

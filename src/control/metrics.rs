@@ -167,7 +167,7 @@ type VolumeFigure = fn(&VolumeStats) -> f64;
 /// The Prometheus text exposition of `stats`.
 pub fn render(stats: &StatsResult) -> String {
     let mut out = String::new();
-    let per_volume: [(Family, VolumeFigure); 9] = [
+    let per_volume: [(Family, VolumeFigure); 10] = [
         (
             counter("vdisk_volume_reads_total", "Read requests completed."),
             |v| v.io.reads as f64,
@@ -212,6 +212,13 @@ pub fn render(stats: &StatsResult) -> String {
                 "Bytes written per second, last interval.",
             ),
             |v| v.write_bytes_per_sec,
+        ),
+        (
+            gauge(
+                "vdisk_volume_flush_failed",
+                "1 once a flush failed: every later flush fails until the export restarts.",
+            ),
+            |v| f64::from(u8::from(v.flush_error.is_some())),
         ),
     ];
     for (family, value) in &per_volume {

@@ -89,8 +89,29 @@ pub struct Daemon {
     cache: ImageCache,
     bus: EventBus,
     /// Running exports by volume. Held across every volume or export
-    /// change, so that those take turns.
+    /// change, so that those take turns, but never across long work (a
+    /// full copy, `export-raw`): that marks its volume in `busy` instead
+    /// and runs without it, so exports, stats and metrics go on.
     exports: Mutex<HashMap<String, Running>>,
+    /// Volumes with long work running, and what it is. Taken after
+    /// `exports` when both are needed.
+    busy: Mutex<HashMap<String, &'static str>>,
+}
+
+/// A volume marked busy until this is dropped.
+struct Busy<'a> {
+    daemon: &'a Daemon,
+    name: String,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.daemon
+            .busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+    }
 }
 
 impl Daemon {
@@ -111,6 +132,7 @@ impl Daemon {
             cache,
             bus,
             exports: Mutex::new(HashMap::new()),
+            busy: Mutex::new(HashMap::new()),
         };
         for v in d.catalog.incomplete_volumes()? {
             log::warn!(
@@ -207,6 +229,39 @@ impl Daemon {
         self.exports.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Marks `name` busy with `what` (call with `exports` held, so that
+    /// the checks made under it still hold); refused if it already is.
+    fn mark_busy(&self, name: &str, what: &'static str) -> Result<Busy<'_>, ApiError> {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(doing) = busy.get(name) {
+            return Err(ApiError::new(
+                ErrorCode::InUse,
+                format!("volume `{name}` is busy: {doing}"),
+            ));
+        }
+        busy.insert(name.to_string(), what);
+        Ok(Busy {
+            daemon: self,
+            name: name.to_string(),
+        })
+    }
+
+    /// Refused while long work runs on `name` (call with `exports` held).
+    fn check_not_busy(&self, name: &str) -> Result<(), ApiError> {
+        match self
+            .busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            Some(doing) => Err(ApiError::new(
+                ErrorCode::InUse,
+                format!("volume `{name}` is busy: {doing}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn volume_dir(&self, name: &str) -> PathBuf {
         self.volumes_dir.join(name)
     }
@@ -260,6 +315,17 @@ impl Daemon {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let device = BlockDevice::new(&v.name, &disk, cfg, mem)
             .map_err(|e| ApiError::new(ErrorCode::Io, errors::chain(&e)))?;
+        // A failed flush is latched by the disk; say so on the event bus.
+        let (bus, volume) = (self.bus.clone(), v.name.clone());
+        disk.flush_latch().set_observer(Box::new(move |why| {
+            bus.publish(
+                EventKind::ExportFlushFailed {
+                    volume: volume.clone(),
+                    reason: why.to_string(),
+                }
+                .into(),
+            );
+        }));
         let disk = Arc::new(disk);
         let server = Server::start(&v.name, &rec.socket, Arc::new(device), disk.clone())
             .map_err(|e| ApiError::new(ErrorCode::Io, errors::chain(&e)))?;
@@ -318,7 +384,7 @@ impl Daemon {
         p: &VolumeCreate,
         progress: &dyn Fn(u64, Option<u64>),
     ) -> Result<VolumeInfo, ApiError> {
-        let _running = self.lock();
+        let running = self.lock();
         let image = match &p.image {
             Some(i) => Some(self.cache.show(i).map_err(cache_err)?),
             None => None,
@@ -359,6 +425,16 @@ impl Daemon {
             created: catalog::unix_now(),
         };
         self.catalog.begin_volume(&rec).map_err(catalog_err)?;
+        // The row says `creating` (no export can start on it) and the
+        // volume is busy (no delete or resize): the copy runs unlocked.
+        let busy = match self.mark_busy(&rec.name, "being created") {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = self.catalog.remove_volume(&rec.name);
+                return Err(e);
+            }
+        };
+        drop(running);
         match self.make_volume_files(&rec, &dir, image.as_ref(), progress) {
             Ok(()) => {}
             Err(e) => {
@@ -368,6 +444,7 @@ impl Daemon {
             }
         }
         self.catalog.finish_volume(&rec.name).map_err(catalog_err)?;
+        drop(busy);
         self.publish(EventKind::VolumeCreated {
             name: rec.name.clone(),
         });
@@ -429,6 +506,7 @@ impl Daemon {
 
     fn volume_delete(&self, name: &str) -> Result<(), ApiError> {
         let running = self.lock();
+        self.check_not_busy(name)?;
         if running.contains_key(name) {
             return Err(ApiError::new(
                 ErrorCode::InUse,
@@ -449,6 +527,7 @@ impl Daemon {
 
     fn volume_resize(&self, name: &str, size: u64) -> Result<VolumeInfo, ApiError> {
         let running = self.lock();
+        self.check_not_busy(name)?;
         let v = self.catalog.volume(name).map_err(catalog_err)?;
         if running.contains_key(name) {
             return Err(ApiError::new(
@@ -558,6 +637,11 @@ impl Daemon {
     ) -> Result<RawExported, ApiError> {
         let running = self.lock();
         let v = self.catalog.volume(name).map_err(catalog_err)?;
+        // The copy runs without the exports lock; the volume is busy (no
+        // delete or resize), and a running export's disk is kept open here.
+        let _busy = self.mark_busy(name, "being exported to a raw file")?;
+        let live = running.get(name).map(|r| r.disk.clone());
+        drop(running);
         if v.state != catalog::VolumeState::Ready {
             return Err(ApiError::new(
                 ErrorCode::InUse,
@@ -579,7 +663,7 @@ impl Daemon {
             let data = File::open(&v.path).map_err(io_api("open", &v.path))?;
             match v.kind {
                 VolumeKind::Overlay => {
-                    let live = running.get(name).and_then(|r| r.disk.overlay().cloned());
+                    let live = live.as_ref().and_then(|d| d.overlay().cloned());
                     let ov = match live {
                         Some(ov) => {
                             ov.flush().map_err(io_api("flush", &v.path))?;
@@ -607,8 +691,8 @@ impl Daemon {
                         .map_err(io_api("write", file))?;
                 }
                 VolumeKind::Empty | VolumeKind::Full => {
-                    if let Some(r) = running.get(name) {
-                        r.disk.sync().map_err(io_api("flush", &v.path))?;
+                    if let Some(d) = &live {
+                        d.sync().map_err(io_api("flush", &v.path))?;
                     }
                     files::clone_or_copy(&data, &dst, progress).map_err(io_api("write", file))?;
                 }
@@ -807,6 +891,7 @@ impl Service for Daemon {
             .map(|r| VolumeStats {
                 volume: r.rec.volume.clone(),
                 io: Self::export_info(r).stats,
+                flush_error: r.disk.flush_latch().reason().map(str::to_string),
                 ..VolumeStats::default()
             })
             .collect();
@@ -827,3 +912,6 @@ impl Service for Daemon {
         StatsResult { volumes, cache }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -224,13 +224,19 @@ fn stats(s: &StatsResult) -> String {
             v.io.errors.to_string(),
         ]);
     }
+    let mut failed = String::new();
+    for v in &s.volumes {
+        if let Some(why) = &v.flush_error {
+            failed.push_str(&format!("{}: FLUSHES FAIL: {why}\n", v.volume));
+        }
+    }
     let c = &s.cache;
     let budget = c.budget.map_or_else(
         || "(no budget)".to_string(),
         |b| format!("of {} budget", size(b)),
     );
     format!(
-        "{}\ncache: {} used {budget}, {} images, {} free on its filesystem\n",
+        "{}{failed}\ncache: {} used {budget}, {} images, {} free on its filesystem\n",
         t.render(),
         size(c.used_bytes),
         c.images,

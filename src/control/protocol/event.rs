@@ -82,6 +82,10 @@ pub enum EventKind {
     ExportConnected { volume: String },
     #[serde(rename = "export.disconnected")]
     ExportDisconnected { volume: String },
+    /// A flush of the volume's disk failed: every later flush fails until
+    /// the export is restarted (`reason` says why).
+    #[serde(rename = "export.flush_failed")]
+    ExportFlushFailed { volume: String, reason: String },
     /// Progress of any other long call.
     #[serde(rename = "progress")]
     Progress {

@@ -123,6 +123,10 @@ pub struct VolumeStats {
     /// Request latency percentiles in microseconds; null when unmeasured.
     pub latency_p50_us: Option<u64>,
     pub latency_p99_us: Option<u64>,
+    /// Set once a flush of the volume's disk failed: why, and that every
+    /// later flush fails until the export is restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush_error: Option<String>,
 }
 
 /// The image cache's space.
