@@ -248,6 +248,9 @@ pub struct FileConfig {
     pub control: Option<PathBuf>,
     /// Log filter, as in VDISK_LOG (`info`, `debug`, `vdisk=trace`...).
     pub log: Option<String>,
+    /// Serve Prometheus metrics over http on this address
+    /// (`"127.0.0.1:9337"`); off when absent.
+    pub metrics: Option<std::net::SocketAddr>,
     #[serde(default)]
     pub export: Vec<toml::Table>,
 }

@@ -33,6 +33,10 @@ pub struct Args {
     /// The control socket.
     #[arg(long)]
     pub control: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
+    /// 127.0.0.1:9337). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// An export: socket=PATH,(file=PATH|null=SIZE|volume=NAME)[,queues=N][,readonly=on|off]
     /// [,serial=TEXT][,block-size=512|4096][,direct=on|off][,engine=io-uring|sync]. Repeatable.
     #[arg(long = "export", value_name = "SPEC")]
@@ -63,6 +67,8 @@ pub enum DaemonError {
     },
     #[error("cannot start the control socket")]
     Control(#[source] crate::control::ServerError),
+    #[error("cannot serve metrics")]
+    Metrics(#[source] crate::control::metrics::MetricsError),
     #[error("cannot create the state directory {path}")]
     StateDir {
         path: String,
@@ -77,6 +83,7 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub control: PathBuf,
     pub log: Option<String>,
+    pub metrics: Option<std::net::SocketAddr>,
     pub exports: Vec<ExportSpec>,
 }
 
@@ -101,6 +108,7 @@ impl Settings {
                 .or(file.control)
                 .unwrap_or_else(|| config::DEFAULT_CONTROL.into()),
             log: file.log,
+            metrics: args.metrics.or(file.metrics),
             exports,
         })
     }
@@ -183,6 +191,17 @@ pub fn run(settings: Settings) -> Result<(), DaemonError> {
             return Err(DaemonError::Control(e));
         }
     };
+    let metrics = match settings.metrics {
+        Some(addr) => match crate::control::metrics::serve(addr, service.clone()) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                service.shutdown();
+                control.stop();
+                return Err(DaemonError::Metrics(e));
+            }
+        },
+        None => None,
+    };
     let mut servers = Vec::new();
     for spec in &settings.exports {
         let started = match &spec.source {
@@ -201,6 +220,9 @@ pub fn run(settings: Settings) -> Result<(), DaemonError> {
             Err(e) => {
                 for s in servers {
                     s.stop();
+                }
+                if let Some(m) = metrics {
+                    m.stop();
                 }
                 service.shutdown();
                 control.stop();
@@ -221,6 +243,9 @@ pub fn run(settings: Settings) -> Result<(), DaemonError> {
     notify_systemd("STOPPING=1");
     for s in servers {
         s.stop();
+    }
+    if let Some(m) = metrics {
+        m.stop();
     }
     service.shutdown();
     control.stop();

@@ -27,6 +27,7 @@ use crate::control::{
 };
 use crate::vhost::config::ID_BYTES;
 use crate::vhost::server::Server;
+use crate::vhost::stats::{Rates, StatsSnapshot};
 use crate::vhost::{BlockDevice, DeviceConfig};
 
 pub use errors::{cache_err, catalog_err, io_api};
@@ -61,6 +62,37 @@ struct Running {
     /// Recorded in the catalog (started by `export.start`), as opposed to
     /// a `--export volume=` flag.
     persistent: bool,
+    /// The counters at the start of the current sampling interval, and the
+    /// rates of the last whole one.
+    sample: Mutex<Sample>,
+}
+
+/// Rates are taken over at least this long: `stats` calls (and scrapes)
+/// closer together than this see the same figures; further apart, the
+/// average since the previous one, as Prometheus's `rate()` would.
+pub const SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+struct Sample {
+    at: std::time::Instant,
+    counters: StatsSnapshot,
+    rates: Rates,
+}
+
+impl Running {
+    /// The rates of the last sampling interval, starting a new one when
+    /// the current one is at least [`SAMPLE_INTERVAL`] old.
+    fn rates(&self) -> Rates {
+        let mut s = self.sample.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let dt = now.duration_since(s.at);
+        if dt >= SAMPLE_INTERVAL {
+            let cur = self.server.stats();
+            s.rates = Rates::between(&s.counters, &cur, dt);
+            s.counters = cur;
+            s.at = now;
+        }
+        s.rates
+    }
 }
 
 /// How an export serves its disk beyond what the catalog records.
@@ -334,6 +366,11 @@ impl Daemon {
             server,
             disk,
             persistent,
+            sample: Mutex::new(Sample {
+                at: std::time::Instant::now(),
+                counters: StatsSnapshot::default(),
+                rates: Rates::default(),
+            }),
         })
     }
 
@@ -888,11 +925,19 @@ impl Service for Daemon {
         let running = self.lock();
         let mut volumes: Vec<VolumeStats> = running
             .values()
-            .map(|r| VolumeStats {
-                volume: r.rec.volume.clone(),
-                io: Self::export_info(r).stats,
-                flush_error: r.disk.flush_latch().reason().map(str::to_string),
-                ..VolumeStats::default()
+            .map(|r| {
+                let rates = r.rates();
+                VolumeStats {
+                    volume: r.rec.volume.clone(),
+                    io: Self::export_info(r).stats,
+                    read_iops: rates.read_iops,
+                    write_iops: rates.write_iops,
+                    read_bytes_per_sec: rates.read_bytes_per_sec,
+                    write_bytes_per_sec: rates.write_bytes_per_sec,
+                    latency_p50_us: rates.p50_us,
+                    latency_p99_us: rates.p99_us,
+                    flush_error: r.disk.flush_latch().reason().map(str::to_string),
+                }
             })
             .collect();
         drop(running);

@@ -62,6 +62,9 @@ struct Pending {
     mem: Arc<Mem>,
     is_write: bool,
     bytes: u64,
+    /// When the pass that took it off the ring began (one clock read per
+    /// pass, not per request).
+    taken: Instant,
 }
 
 pub struct QueueWorker {
@@ -81,6 +84,8 @@ pub struct QueueWorker {
     index: usize,
     /// How long to busy-poll after a batch before sleeping.
     poll: Duration,
+    /// When the current pass began taking chains.
+    pass_start: Instant,
 }
 
 impl QueueWorker {
@@ -102,6 +107,7 @@ impl QueueWorker {
             stats,
             index,
             poll: Duration::ZERO,
+            pass_start: Instant::now(),
         }
     }
 
@@ -201,6 +207,7 @@ impl QueueWorker {
         let pending = self.pending_chains(&state, &mem)?;
         let take = pending.min(MAX_BATCH);
         if take > 0 {
+            self.pass_start = Instant::now();
             mem = self.mem.memory().into_inner();
             let size = state.get_queue().size();
             let chains: Vec<_> = state
@@ -476,6 +483,7 @@ impl QueueWorker {
             mem: mem.clone(),
             is_write,
             bytes: u64::from(req.data_len),
+            taken: self.pass_start,
         });
         if parts == 0 {
             // Nothing to wait for: finish through the normal path.
@@ -507,6 +515,8 @@ impl QueueWorker {
                 return Ok(changed);
             }
             changed = true;
+            // One clock read for every request this round completes.
+            let now = Instant::now();
             let mut done = std::mem::take(&mut self.completions);
             for c in done.drain(..) {
                 let slot = c.user_data as usize;
@@ -531,8 +541,13 @@ impl QueueWorker {
                     if dirty_log {
                         mark_dirty(&p.mem, &p.read_regions);
                     }
-                    self.stats
-                        .record(p.is_write, !p.read_regions.is_empty(), p.bytes);
+                    let is_read = !p.read_regions.is_empty();
+                    self.stats.record(p.is_write, is_read, p.bytes);
+                    if p.is_write || is_read {
+                        self.stats
+                            .latency
+                            .record(now.saturating_duration_since(p.taken));
+                    }
                 } else {
                     self.stats.errors.inc();
                 }

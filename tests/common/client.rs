@@ -306,9 +306,13 @@ impl Client {
         &mut self,
         ops: &[(usize, Op)],
         layout: &[Vec<(usize, usize)>],
-    ) -> (Vec<Vec<blkio::iovec>>, Vec<usize>) {
+    ) -> (Vec<Vec<blkio::iovec>>, Vec<usize>, Vec<Instant>) {
         let base = self.region.addr as *mut u8;
         let mut pending = vec![0usize; self.queues.len()];
+        // When each request became visible to the device: blkio publishes
+        // a request in the avail ring as it is queued, and a polling
+        // device may take it before any kick.
+        let mut offered = Vec::with_capacity(ops.len());
         let mut iovecs: Vec<Vec<blkio::iovec>> = Vec::with_capacity(ops.len());
         for (i, ((q, op), segs)) in ops.iter().zip(layout).enumerate() {
             assert!(*q < self.queues.len(), "queue {q} not started");
@@ -350,11 +354,12 @@ impl Client {
                     queue.write_zeroes(*offset, *len, i, flags)
                 }
             }
+            offered.push(Instant::now());
             // Moving the Vec into `iovecs` keeps its heap buffer in place.
             iovecs.push(iov);
             pending[*q] += 1;
         }
-        (iovecs, pending)
+        (iovecs, pending, offered)
     }
 
     /// Sends every request at once (each on the queue paired with it), kicks
@@ -363,8 +368,15 @@ impl Client {
     /// `io_timeout` ([`IO_TIMEOUT`] by default) or
     /// if the reads and writes do not fit in the buffer.
     pub fn run(&mut self, ops: &[(usize, Op)]) -> Vec<OpResult> {
+        self.run_timed(ops).0
+    }
+
+    /// [`Client::run`], also returning each request's latency: from the
+    /// moment it was offered to the device to the moment its completion was
+    /// reaped.
+    pub fn run_timed(&mut self, ops: &[(usize, Op)]) -> (Vec<OpResult>, Vec<Duration>) {
         let layout = self.layout(ops);
-        let (_iovecs, mut pending) = self.enqueue(ops, &layout);
+        let (_iovecs, mut pending, offered) = self.enqueue(ops, &layout);
 
         // Kick every queue before waiting on any, so that all are busy at once.
         for (q, queue) in self.queues.iter_mut().enumerate() {
@@ -375,6 +387,7 @@ impl Client {
             }
         }
 
+        let mut latencies = vec![Duration::ZERO; ops.len()];
         let mut results: Vec<Option<OpResult>> = vec![None; ops.len()];
         let mut completions: Vec<MaybeUninit<Completion>> =
             (0..64).map(|_| MaybeUninit::uninit()).collect();
@@ -391,10 +404,12 @@ impl Client {
                             e.errno()
                         )
                     });
+                let reaped = Instant::now();
                 for c in &completions[..n] {
                     // SAFETY: do_io initialised the first `n` completions.
                     let c = unsafe { c.assume_init_read() };
                     let i = c.user_data;
+                    latencies[i] = reaped.saturating_duration_since(offered[i]);
                     assert!(results[i].is_none(), "request {i} completed twice");
                     results[i] = Some(if c.ret == 0 {
                         Ok(Vec::new())
@@ -407,28 +422,33 @@ impl Client {
         }
 
         let buffer = self.buffer();
-        results
+        let results = results
             .into_iter()
             .zip(ops)
             .zip(layout)
             .map(|((r, (_, op)), segs)| {
                 let r = r.expect("every request completed");
                 match (r, op) {
-                    (Ok(_), Op::Read { .. } | Op::Readv { .. }) => Ok(segs
-                        .iter()
-                        .flat_map(|&(o, len)| buffer[o..o + len].iter().copied())
-                        .collect()),
+                    (Ok(_), Op::Read { .. } | Op::Readv { .. }) => {
+                        // extend_from_slice is a memcpy even unoptimised.
+                        let mut v = Vec::with_capacity(segs.iter().map(|s| s.1).sum());
+                        for &(o, len) in &segs {
+                            v.extend_from_slice(&buffer[o..o + len]);
+                        }
+                        Ok(v)
+                    }
                     (r, _) => r,
                 }
             })
-            .collect()
+            .collect();
+        (results, latencies)
     }
 
     /// Sends the requests, kicks the queues and disconnects without waiting
     /// for any completion, as a crashing client would.
     pub fn abandon(mut self, ops: &[(usize, Op)]) {
         let layout = self.layout(ops);
-        let (_iovecs, _) = self.enqueue(ops, &layout);
+        let (_iovecs, _, _) = self.enqueue(ops, &layout);
         for queue in &mut self.queues {
             let _ = queue.do_io(&mut [], 0, None, None);
         }
