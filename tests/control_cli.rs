@@ -1,5 +1,8 @@
-//! vdiskctl against a control server with a fake service: tables, --json,
-//! what reaches the daemon, and the exit codes 1, 2 and 3.
+//! vdiskctl against a control server with a fake service: the client side
+//! of the protocol layer only (how results render as tables and --json,
+//! what reaches the daemon, the exit codes 1, 2 and 3). The figures here
+//! are the fake's; what the real vdiskd reports is tested against it in
+//! tests/service_clone.rs and tests/live_stats.rs.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
@@ -246,7 +249,7 @@ fn json_prints_the_result() {
 }
 
 #[test]
-fn other_tables() {
+fn other_tables_render_the_results_they_are_given() {
     let d = daemon();
     let r = run(&d, &["volume", "show", "vm1"]);
     assert_eq!(r.code, 0, "{}", r.stderr);

@@ -1,7 +1,9 @@
-//! The control socket against a fake service, driven with raw JSON lines:
-//! every error case keeps the connection usable, peers are checked,
-//! `watch` streams events, progress lines arrive before the reply, and the
-//! Prometheus endpoint serves the same figures.
+//! The control socket's protocol layer against a fake service, driven with
+//! raw JSON lines: every error case keeps the connection usable, peers are
+//! checked, `watch` streams events, progress lines arrive before the reply,
+//! and the Prometheus renderer serves whatever figures the service gives.
+//! The figures are the fake's; the real vdiskd's are tested in
+//! tests/live_stats.rs, its calls in tests/service_clone.rs.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -468,7 +470,7 @@ fn a_slow_call_does_not_hold_up_other_clients() {
 }
 
 #[test]
-fn stats_come_from_the_service() {
+fn stats_results_are_passed_through_unchanged() {
     let f = start();
     let r = Conn::open(&f.path).call(json!({"v": 1, "id": 1, "method": "stats"}));
     let s = &r["result"];
@@ -489,7 +491,7 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 }
 
 #[test]
-fn prometheus_endpoint() {
+fn prometheus_renderer_serves_the_service_figures() {
     let (service, _release) = fake();
     let m = metrics::serve("127.0.0.1:0".parse().unwrap(), service).unwrap();
     let text = http_get(m.local_addr(), "/metrics");

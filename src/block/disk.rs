@@ -49,7 +49,8 @@ pub struct OpenOptions {
     /// Open a second descriptor with O_DIRECT and use it for every aligned
     /// read and write.
     pub direct: bool,
-    /// Force an engine; `None` probes io_uring and falls back to sync.
+    /// Force an engine (an error if it cannot be had); `None` probes
+    /// io_uring and falls back to sync with a warning.
     pub engine: Option<EngineKind>,
 }
 
@@ -142,7 +143,7 @@ impl Disk {
         if size == 0 || size % 512 != 0 {
             return Err(BlockError::BadSize { path: shown, size });
         }
-        let engine = choose_engine(&shown, opts);
+        let engine = choose_engine(&shown, opts)?;
         log::info!(
             "{shown}: overlay of {size} bytes over {}, engine {engine:?}",
             base.map_or_else(|| "nothing".to_string(), |b| b.display().to_string())
@@ -202,7 +203,7 @@ impl Disk {
         } else {
             None
         };
-        let engine = choose_engine(&shown, opts);
+        let engine = choose_engine(&shown, opts)?;
         log::info!(
             "{shown}: {size} bytes, engine {engine:?}, {}",
             if opts.readonly {
@@ -287,13 +288,33 @@ impl Disk {
     }
 }
 
-fn choose_engine(shown: &str, opts: &OpenOptions) -> EngineKind {
-    match opts.engine {
-        Some(EngineKind::Sync) => EngineKind::Sync,
-        _ if UringEngine::supported() => EngineKind::IoUring,
-        _ => {
+fn choose_engine(shown: &str, opts: &OpenOptions) -> Result<EngineKind, BlockError> {
+    decide_engine(shown, opts.engine, UringEngine::supported)
+}
+
+/// The engine for a disk: a forced one or nothing (an error when io_uring
+/// was forced and is not usable); without one, io_uring where the probe
+/// says it works, else the synchronous engine, with a warning.
+pub(super) fn decide_engine(
+    shown: &str,
+    forced: Option<EngineKind>,
+    uring_works: impl FnOnce() -> bool,
+) -> Result<EngineKind, BlockError> {
+    match forced {
+        Some(EngineKind::Sync) => Ok(EngineKind::Sync),
+        Some(EngineKind::IoUring) | Some(EngineKind::Null) => {
+            if uring_works() {
+                Ok(EngineKind::IoUring)
+            } else {
+                Err(BlockError::EngineUnavailable {
+                    path: shown.to_string(),
+                })
+            }
+        }
+        None if uring_works() => Ok(EngineKind::IoUring),
+        None => {
             log::warn!("{shown}: io_uring is not usable here, serving with the synchronous engine");
-            EngineKind::Sync
+            Ok(EngineKind::Sync)
         }
     }
 }

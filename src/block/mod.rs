@@ -37,6 +37,8 @@ pub enum BlockError {
     BadSize { path: String, size: u64 },
     #[error("cannot set up io_uring")]
     Uring(#[source] io::Error),
+    #[error("{path}: engine=io-uring was asked for, but io_uring is not usable on this kernel (disabled, or blocked by seccomp); use engine=sync, or leave the engine out to fall back")]
+    EngineUnavailable { path: String },
     #[error("cannot create the completion eventfd")]
     EventFd(#[source] io::Error),
     #[error("the engine's submission queue is full")]

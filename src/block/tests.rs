@@ -326,3 +326,42 @@ fn write_through_discard_and_write_zeroes_sync_before_completing() {
         failpoint::fail_syncs(f.as_file(), 0);
     }
 }
+
+#[test]
+fn a_forced_engine_is_that_engine_or_an_error() {
+    use super::disk::decide_engine;
+    let yes = || true;
+    let no = || false;
+    assert_eq!(decide_engine("d", None, yes).unwrap(), EngineKind::IoUring);
+    assert_eq!(decide_engine("d", None, no).unwrap(), EngineKind::Sync);
+    assert_eq!(
+        decide_engine("d", Some(EngineKind::IoUring), yes).unwrap(),
+        EngineKind::IoUring
+    );
+    let err = decide_engine("d", Some(EngineKind::IoUring), no).unwrap_err();
+    assert!(
+        err.to_string().contains("engine=io-uring was asked for"),
+        "{err}"
+    );
+    // Sync is always there; the probe is not even asked.
+    assert_eq!(
+        decide_engine("d", Some(EngineKind::Sync), || panic!("probed")).unwrap(),
+        EngineKind::Sync
+    );
+}
+
+#[test]
+fn every_engine_test_gets_the_engine_it_asked_for() {
+    for (kind, direct) in engines() {
+        let f = file();
+        let disk = open(&f, kind, direct);
+        assert_eq!(disk.engine_kind(), kind);
+        assert_eq!(
+            disk.new_engine(4).unwrap().name(),
+            match kind {
+                EngineKind::IoUring => "io_uring",
+                _ => "sync",
+            }
+        );
+    }
+}

@@ -692,6 +692,18 @@ impl Daemon {
             .map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
                     ApiError::new(ErrorCode::Exists, format!("{} exists", file.display()))
+                } else if e.raw_os_error() == Some(libc::EROFS) {
+                    // Under the shipped systemd unit (ProtectSystem=strict)
+                    // only the state directory is writable.
+                    ApiError::new(
+                        ErrorCode::Io,
+                        format!(
+                            "cannot create {}: read-only file system; under vdiskd.service \
+                             write under /var/lib/vdisk/exports, or allow the directory \
+                             with ReadWritePaths= in a drop-in",
+                            file.display()
+                        ),
+                    )
                 } else {
                     io_api("create", file)(e)
                 }
