@@ -167,3 +167,73 @@ pub unsafe fn copy_from_slices(iov: &[IoSlice], mut skip: usize, dst: &mut [u8])
     }
     done
 }
+
+/// The pids of the peers connected to this process's Unix stream sockets
+/// bound to `path` (SO_PEERCRED): the frontends of an export's socket,
+/// which vhost-user-backend accepts without handing out the stream. The
+/// listening socket itself reports this process and is left out.
+pub fn unix_socket_peers(path: &std::path::Path) -> Vec<u32> {
+    use std::os::unix::ffi::OsStrExt;
+    let want = path.as_os_str().as_bytes();
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let is_socket = std::fs::read_link(entry.path())
+            .map(|l| l.as_os_str().as_bytes().starts_with(b"socket:"))
+            .unwrap_or(false);
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: sockaddr_un is plain data; all zeros is a valid value.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        // SAFETY: getsockname(2) writes at most `len` bytes into `addr`. The
+        // fd may have been closed (or reused) since it was listed; then the
+        // call fails or describes another socket, and the path check below
+        // sorts that out. Nothing is written to the fd.
+        let rc =
+            unsafe { libc::getsockname(fd, (&raw mut addr).cast::<libc::sockaddr>(), &mut len) };
+        if rc != 0 || addr.sun_family != libc::AF_UNIX as libc::sa_family_t {
+            continue;
+        }
+        let path_len = (len as usize)
+            .saturating_sub(std::mem::size_of::<libc::sa_family_t>())
+            .min(addr.sun_path.len());
+        let got: Vec<u8> = addr.sun_path[..path_len]
+            .iter()
+            .map(|&c| c as u8)
+            .take_while(|&c| c != 0)
+            .collect();
+        if got != want {
+            continue;
+        }
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt(2) writes at most `clen` bytes into `cred`;
+        // as above, a stale fd only makes the call fail or answer for
+        // another socket bound to the same path.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&raw mut cred).cast::<libc::c_void>(),
+                &mut clen,
+            )
+        };
+        if rc == 0 && cred.pid > 0 && cred.pid as u32 != me {
+            out.push(cred.pid as u32);
+        }
+    }
+    out
+}

@@ -387,6 +387,7 @@ fn watch_prints_events() {
     }
     d.bus.publish(Event::now(EventKind::ExportConnected {
         volume: "vm1".into(),
+        peer_pid: None,
     }));
     let mut out = BufReader::new(child.stdout.take().unwrap());
     // Read on a thread so a silent vdiskctl fails the test instead of hanging it.

@@ -26,6 +26,7 @@ use crate::control::{
     ApiError, Call, ErrorCode, EventBus, EventKind, Progress, Response, Service, StatsResult,
 };
 use crate::vhost::config::ID_BYTES;
+use crate::vhost::events::ExportEvent;
 use crate::vhost::server::Server;
 use crate::vhost::stats::{Rates, StatsSnapshot};
 use crate::vhost::{BlockDevice, DeviceConfig};
@@ -357,6 +358,23 @@ impl Daemon {
                 }
                 .into(),
             );
+        }));
+        let (bus, volume) = (self.bus.clone(), v.name.clone());
+        device.reporter().set_observer(Arc::new(move |e| {
+            let kind = match e {
+                ExportEvent::Connected { peer_pid } => EventKind::ExportConnected {
+                    volume: volume.clone(),
+                    peer_pid,
+                },
+                ExportEvent::Disconnected => EventKind::ExportDisconnected {
+                    volume: volume.clone(),
+                },
+                ExportEvent::IoError { message } => EventKind::ExportIoError {
+                    volume: volume.clone(),
+                    message,
+                },
+            };
+            bus.publish(kind.into());
         }));
         let disk = Arc::new(disk);
         let server = Server::start(&v.name, &rec.socket, Arc::new(device), disk.clone())

@@ -22,6 +22,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::config::DeviceConfig;
+use super::events::ExportReporter;
 use super::stats::{QueueStats, StatsSnapshot};
 use super::worker::{serve, AtomicMem, QueueWorker, Vring, Wake};
 use crate::block::{BlockError, Disk};
@@ -64,6 +65,7 @@ pub struct BlockDevice {
     event_idx: AtomicBool,
     dirty_log: AtomicBool,
     name: String,
+    report: Arc<ExportReporter>,
 }
 
 impl BlockDevice {
@@ -74,6 +76,7 @@ impl BlockDevice {
         mem: AtomicMem,
     ) -> Result<Self, BlockError> {
         let poll = poll_interval();
+        let report = ExportReporter::new(name);
         let stats: Vec<_> = (0..cfg.num_queues)
             .map(|_| Arc::new(QueueStats::default()))
             .collect();
@@ -82,7 +85,7 @@ impl BlockDevice {
             .enumerate()
             .map(|(i, s)| {
                 let engine = disk.new_engine(ENGINE_DEPTH)?;
-                let mut w = QueueWorker::new(engine, mem.clone(), s.clone(), i);
+                let mut w = QueueWorker::new(engine, mem.clone(), s.clone(), report.clone(), i);
                 w.set_poll(poll);
                 Ok(Mutex::new(w))
             })
@@ -104,7 +107,13 @@ impl BlockDevice {
             event_idx: AtomicBool::new(false),
             dirty_log: AtomicBool::new(false),
             name: name.to_string(),
+            report,
         })
+    }
+
+    /// Where this export's events go (connections, failed I/O).
+    pub fn reporter(&self) -> &Arc<ExportReporter> {
+        &self.report
     }
 
     pub fn config(&self) -> &DeviceConfig {

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod device;
+pub mod events;
 pub mod request;
 pub mod server;
 pub mod stats;

@@ -13,6 +13,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::device::BlockDevice;
+use super::events::ExportEvent;
 use super::stats::StatsSnapshot;
 use crate::block::Disk;
 
@@ -84,6 +85,7 @@ impl Server {
         )?;
         let shared = Arc::new(Mutex::new(Shared::default()));
         let thread = {
+            let socket_path = socket.to_path_buf();
             let (name, device, disk, shared) = (
                 name.to_string(),
                 device.clone(),
@@ -92,7 +94,7 @@ impl Server {
             );
             std::thread::Builder::new()
                 .name(format!("export-{name}"))
-                .spawn(move || serve(&name, listener, &device, &disk, &shared))
+                .spawn(move || serve(&name, &socket_path, listener, &device, &disk, &shared))
                 .map_err(ServerError::Thread)?
         };
         log::info!("export {name}: listening on {shown}");
@@ -155,6 +157,7 @@ fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
 
 fn serve(
     name: &str,
+    socket: &Path,
     mut listener: Listener,
     device: &Arc<BlockDevice>,
     disk: &Disk,
@@ -192,7 +195,12 @@ fn serve(
             }
             s.connection = daemon.shutdown_handle();
         }
-        log::info!("export {name}: frontend connected");
+        let peer_pid = crate::sys::unix_socket_peers(socket).first().copied();
+        match peer_pid {
+            Some(pid) => log::info!("export {name}: frontend connected (pid {pid})"),
+            None => log::info!("export {name}: frontend connected"),
+        }
+        device.reporter().send(ExportEvent::Connected { peer_pid });
         match daemon.wait() {
             Ok(()) => log::info!("export {name}: frontend disconnected"),
             Err(vhost_user_backend::Error::HandleRequest(
@@ -200,6 +208,7 @@ fn serve(
             )) => log::info!("export {name}: frontend disconnected"),
             Err(e) => log::warn!("export {name}: connection ended: {e}"),
         }
+        device.reporter().send(ExportEvent::Disconnected);
         // Dropping the daemon stops and joins the queue workers.
         drop(daemon);
         device.reset(&GuestMemoryAtomic::new(GuestMemoryMmap::new()));

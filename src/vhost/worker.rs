@@ -20,6 +20,7 @@ use vm_memory::{
 };
 
 use super::config::DeviceConfig;
+use super::events::ExportReporter;
 use super::request::{self, status, Kind, Refused, Region, Request};
 use super::stats::QueueStats;
 use crate::block::{self, Completion, Engine, IoSlice, Op};
@@ -81,6 +82,8 @@ pub struct QueueWorker {
     mem: AtomicMem,
     vring: Option<Vring>,
     stats: Arc<QueueStats>,
+    /// The export's observer and I/O error rate limit.
+    report: Arc<ExportReporter>,
     index: usize,
     /// How long to busy-poll after a batch before sleeping.
     poll: Duration,
@@ -93,6 +96,7 @@ impl QueueWorker {
         engine: Box<dyn Engine>,
         mem: AtomicMem,
         stats: Arc<QueueStats>,
+        report: Arc<ExportReporter>,
         index: usize,
     ) -> Self {
         QueueWorker {
@@ -105,6 +109,7 @@ impl QueueWorker {
             mem,
             vring: None,
             stats,
+            report,
             index,
             poll: Duration::ZERO,
             pass_start: Instant::now(),
@@ -524,11 +529,7 @@ impl QueueWorker {
                     continue;
                 };
                 if let Err(e) = &c.result {
-                    log::warn!(
-                        "queue {}: I/O for request {} failed: {e}",
-                        self.index,
-                        p.head
-                    );
+                    self.report.io_failed(self.index, e);
                     p.status = status::IOERR;
                 }
                 p.parts -= 1;

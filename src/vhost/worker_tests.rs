@@ -75,7 +75,13 @@ impl Rig {
         vring.set_queue_info(DESC, AVAIL, USED).unwrap();
         vring.set_queue_ready(true);
         vring.set_enabled(true);
-        let worker = QueueWorker::new(disk.new_engine(64).unwrap(), mem.clone(), Arc::default(), 0);
+        let worker = QueueWorker::new(
+            disk.new_engine(64).unwrap(),
+            mem.clone(),
+            Arc::default(),
+            ExportReporter::new("test"),
+            0,
+        );
         Rig {
             mem,
             vring,
@@ -436,6 +442,7 @@ fn a_failed_fsync_reaches_the_guest_as_ioerr() {
         Box::new(FailingFlush(crate::block::SyncEngine::null(16).unwrap())),
         r.mem.clone(),
         Arc::default(),
+        ExportReporter::new("test"),
         0,
     );
     r.header(BUF, req_type::FLUSH, 0);

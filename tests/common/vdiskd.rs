@@ -29,16 +29,27 @@ impl Vdiskd {
     }
 
     pub fn start_with(state: &Path, control: &Path, extra: &[String]) -> Vdiskd {
-        let child = Command::new(VDISKD)
-            .args(extra)
+        Vdiskd::spawn(state, control, extra, None)
+    }
+
+    /// As [`Vdiskd::start_with`], with the daemon's log (stderr) in `log`.
+    pub fn start_logged(state: &Path, control: &Path, extra: &[String], log: &Path) -> Vdiskd {
+        Vdiskd::spawn(state, control, extra, Some(log))
+    }
+
+    fn spawn(state: &Path, control: &Path, extra: &[String], log: Option<&Path>) -> Vdiskd {
+        let mut cmd = Command::new(VDISKD);
+        cmd.args(extra)
             .arg("--state-dir")
             .arg(state)
             .arg("--control")
             .arg(control)
             .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn vdiskd");
+            .stdin(Stdio::null());
+        if let Some(log) = log {
+            cmd.stderr(std::fs::File::create(log).expect("create the daemon log"));
+        }
+        let child = cmd.spawn().expect("spawn vdiskd");
         let d = Vdiskd {
             child,
             control: control.to_path_buf(),

@@ -78,10 +78,19 @@ pub enum EventKind {
     ExportStarted { volume: String, socket: PathBuf },
     #[serde(rename = "export.stopped")]
     ExportStopped { volume: String },
+    /// A VMM connected; `peer_pid` when the socket's credentials give it.
     #[serde(rename = "export.connected")]
-    ExportConnected { volume: String },
+    ExportConnected {
+        volume: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer_pid: Option<u32>,
+    },
     #[serde(rename = "export.disconnected")]
     ExportDisconnected { volume: String },
+    /// I/O on the volume failed (a full disk, a failing device); at most
+    /// one per export every 10 s, `message` counting the ones in between.
+    #[serde(rename = "export.io_error")]
+    ExportIoError { volume: String, message: String },
     /// A flush of the volume's disk failed: every later flush fails until
     /// the export is restarted (`reason` says why).
     #[serde(rename = "export.flush_failed")]
