@@ -2,7 +2,7 @@
 //! we are ready, and on SIGTERM/SIGINT drain, flush and exit 0.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 use clap::Parser;
@@ -139,7 +139,7 @@ pub fn start_export(spec: &ExportSpec) -> Result<Server, DaemonError> {
         log::warn!("export {name}: size {} is not a multiple of block-size {}; the last partial block is unreachable for 4K guests", disk.size(), spec.block_size);
     }
     let cfg = DeviceConfig {
-        size: disk.size(),
+        size: AtomicU64::new(disk.size()),
         num_queues: spec.queues,
         queue_size: crate::vhost::device::MAX_QUEUE_SIZE as u16,
         readonly: spec.readonly,

@@ -104,3 +104,127 @@ fio --name=v --filename=/dev/vda --rw=randwrite --bs=4k --size=24M \
         at += 4 * MIB;
     }
 }
+
+/// `seq 1 300000 | head -c LEN`, as the guest makes it.
+fn seq_pattern(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 16);
+    let mut n = 1u64;
+    while out.len() < len {
+        out.extend_from_slice(format!("{n}\n").as_bytes());
+        n += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// `vdiskctl volume resize` of exported volumes (an overlay clone and a raw
+/// volume) while a guest runs: the guest's /sys/block/*/size changes
+/// without a reboot once QEMU re-reads the config (QMP
+/// device-sync-config, sent by vdiskctl --qmp), and a write past the old
+/// end reads back. Shrinking is refused.
+#[test]
+fn a_guest_sees_its_disks_grow_without_a_reboot() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let d = Vdiskd::start(&state, &dir.path().join("control.sock"));
+    let img = dir.path().join("base.img");
+    std::fs::write(&img, pattern(0xba5e, 0, (32 * MIB) as usize)).unwrap();
+    d.ctl(&["image", "import", img.to_str().unwrap(), "--name", "base"]);
+    d.ctl(&["volume", "create", "g", "--image", "base"]);
+    d.ctl(&["volume", "create", "r", "--size", "32M"]);
+    let sock = |v: &str| dir.path().join(format!("{v}.sock"));
+    for v in ["g", "r"] {
+        d.ctl(&["export", "start", v, "--socket", sock(v).to_str().unwrap()]);
+    }
+    let mut guest = Guest::new()
+        .timeout(Duration::from_secs(180))
+        .qmp()
+        .disk(Disk::new(sock("g")))
+        .disk(Disk::new(sock("r")))
+        .spawn(
+            r#"
+set -e
+a=$(cat /sys/block/vda/size); b=$(cat /sys/block/vdb/size)
+echo "SIZE0=$a,$b"
+i=0
+while [ "$(cat /sys/block/vda/size)" = "$a" ] || [ "$(cat /sys/block/vdb/size)" = "$b" ]; do
+    i=$((i + 1))
+    if [ $i -gt 1200 ]; then echo "NO-GROW"; exit 1; fi
+    sleep 0.1
+done
+echo "SIZE1=$(cat /sys/block/vda/size),$(cat /sys/block/vdb/size)"
+seq 1 300000 | head -c 1048576 > /tmp/p
+for d in vda vdb; do
+    dd if=/tmp/p of=/dev/$d bs=1048576 seek=40 count=1 oflag=direct conv=notrunc 2>/dev/null
+    dd if=/dev/$d of=/tmp/r bs=1048576 skip=40 count=1 iflag=direct 2>/dev/null
+    cmp /tmp/p /tmp/r
+done
+echo "GROWN-OK"
+"#,
+        );
+    assert!(
+        guest.wait_for_line("SIZE0=").is_some(),
+        "the guest did not start:\n{}",
+        guest.console()
+    );
+    let qmp = guest.qmp_socket().unwrap().to_path_buf();
+    // The overlay clone, telling QEMU at once.
+    let out = d.ctl_raw(&[
+        "volume",
+        "resize",
+        "g",
+        "48M",
+        "--qmp",
+        qmp.to_str().unwrap(),
+        "--qdev",
+        "disk0",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("the guest sees the new size"), "{text}");
+    // The raw volume without --qmp: vdiskctl says what is left to do; then
+    // the same size again with --qmp does just that.
+    let out = d.ctl_raw(&["volume", "resize", "r", "48M"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("device-sync-config"), "{text}");
+    let out = d.ctl_raw(&[
+        "volume",
+        "resize",
+        "r",
+        "48M",
+        "--qmp",
+        qmp.to_str().unwrap(),
+        "--qdev",
+        "disk1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Shrinking is refused, and changes nothing.
+    let err = d.ctl_fails(&["volume", "resize", "g", "16M"]);
+    assert!(err.contains("only grow"), "{err}");
+
+    let run = guest.wait();
+    run.assert_success();
+    run.assert_no_io_errors();
+    assert_eq!(run.value("SIZE0="), "65536,65536", "{run}");
+    assert_eq!(run.value("SIZE1="), "98304,98304", "{run}");
+    for v in ["g", "r"] {
+        let info = d.ctl(&["volume", "show", v]);
+        assert_eq!(info["size"], 48 * MIB, "{info}");
+        let mut c = Client::connect(&sock(v), 1).unwrap();
+        assert_eq!(c.capacity(), 48 * MIB);
+        assert_eq!(
+            c.read(40 * MIB, MIB as usize).unwrap(),
+            seq_pattern(MIB as usize),
+            "{v}: the guest's write past the old end"
+        );
+    }
+}

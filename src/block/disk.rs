@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -27,6 +28,21 @@ pub enum DiskSource {
         bitmap: PathBuf,
         base: Option<PathBuf>,
     },
+}
+
+/// Why a disk could not grow.
+#[derive(Debug, thiserror::Error)]
+pub enum GrowError {
+    #[error("disks only grow: this one has {size} bytes")]
+    Shrink { size: u64 },
+    #[error("the new size is not a multiple of 512")]
+    NotSectors,
+    #[error("the disk is served read-only")]
+    ReadOnly,
+    #[error("{0} cannot grow here")]
+    Unsupported(&'static str),
+    #[error(transparent)]
+    Io(io::Error),
 }
 
 /// Which engine serves a disk's queues.
@@ -81,7 +97,8 @@ pub struct Disk {
     file: Option<Arc<File>>,
     overlay: Option<Arc<Overlay>>,
     direct: Option<DirectFile>,
-    size: u64,
+    /// Grows with [`Disk::grow`].
+    size: AtomicU64,
     readonly: bool,
     engine: EngineKind,
     /// Shared by every engine of this disk (the overlay's own, for one).
@@ -114,7 +131,7 @@ impl Disk {
                     file: None,
                     overlay: None,
                     direct: None,
-                    size: *size,
+                    size: AtomicU64::new(*size),
                     readonly: opts.readonly,
                     engine: EngineKind::Null,
                     latch: FlushLatch::new("null device"),
@@ -154,7 +171,7 @@ impl Disk {
             latch: ov.latch().clone(),
             overlay: Some(Arc::new(ov)),
             direct: None,
-            size,
+            size: AtomicU64::new(size),
             readonly: opts.readonly,
             engine,
         })
@@ -217,7 +234,7 @@ impl Disk {
             file: Some(Arc::new(file)),
             overlay: None,
             direct,
-            size,
+            size: AtomicU64::new(size),
             readonly: opts.readonly,
             engine,
             latch: FlushLatch::new(shown),
@@ -230,7 +247,48 @@ impl Disk {
 
     /// Size in bytes (a multiple of 512).
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grow the disk to `new_size` bytes while it is served: a regular
+    /// file is extended (and fsynced), an overlay grows its data file and
+    /// bitmap ([`Overlay::grow`], with `grown_bitmap` as the temporary
+    /// file beside its bitmap). Block devices and null devices do not grow
+    /// here, and nothing shrinks.
+    pub fn grow(&self, new_size: u64, grown_bitmap: &Path) -> Result<(), GrowError> {
+        let old = self.size();
+        if new_size < old {
+            return Err(GrowError::Shrink { size: old });
+        }
+        if !new_size.is_multiple_of(512) {
+            return Err(GrowError::NotSectors);
+        }
+        if new_size == old {
+            return Ok(());
+        }
+        if self.readonly {
+            return Err(GrowError::ReadOnly);
+        }
+        match (&self.source, &self.overlay, &self.file) {
+            (DiskSource::Overlay { bitmap, .. }, Some(ov), _) => ov
+                .grow(new_size, grown_bitmap, bitmap)
+                .map_err(|e| GrowError::Io(io::Error::other(e.to_string())))?,
+            (DiskSource::File(_), _, Some(f)) => {
+                if f.metadata()
+                    .map_err(GrowError::Io)?
+                    .file_type()
+                    .is_block_device()
+                {
+                    return Err(GrowError::Unsupported("a block device"));
+                }
+                f.set_len(new_size)
+                    .and_then(|_| f.sync_all())
+                    .map_err(GrowError::Io)?;
+            }
+            _ => return Err(GrowError::Unsupported("a null device")),
+        }
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     pub fn readonly(&self) -> bool {

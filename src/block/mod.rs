@@ -18,7 +18,7 @@ mod uring;
 use std::io;
 use std::os::fd::RawFd;
 
-pub use disk::{Disk, DiskSource, EngineKind, OpenOptions};
+pub use disk::{Disk, DiskSource, EngineKind, GrowError, OpenOptions};
 pub use latch::{FlushLatch, LatchObserver};
 pub use overlay::{Overlay, OverlayEngine, OverlayError, CLUSTER_SIZE};
 pub use sync::SyncEngine;

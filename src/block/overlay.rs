@@ -57,6 +57,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::{fallocate_mode, is_unsupported, zero_range_slow};
@@ -98,8 +99,11 @@ pub struct Overlay {
     data: Arc<File>,
     base: Option<Arc<File>>,
     base_size: u64,
-    size: u64,
-    bits: Vec<AtomicU64>,
+    /// Grows (see [`Overlay::grow`]) while queues use the overlay.
+    size: AtomicU64,
+    /// One bit per cluster. Replaced whole, under `meta`, when the overlay
+    /// grows; every look loads the current one.
+    bits: ArcSwap<Vec<AtomicU64>>,
     meta: Mutex<Meta>,
     /// Bumped, under `meta`, each time a cluster is allocated.
     alloc_gen: AtomicU64,
@@ -242,8 +246,8 @@ impl Overlay {
             data: Arc::new(dfile),
             base,
             base_size,
-            size,
-            bits,
+            size: AtomicU64::new(size),
+            bits: ArcSwap::from_pointee(bits),
             meta: Mutex::new(Meta {
                 file: mfile,
                 generation,
@@ -259,21 +263,40 @@ impl Overlay {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     pub fn is_allocated(&self, cluster: u64) -> bool {
-        self.bits[(cluster / 64) as usize].load(Ordering::Acquire) & (1 << (cluster % 64)) != 0
+        self.bits
+            .load()
+            .get((cluster / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (cluster % 64)) != 0)
     }
 
     /// Marks `cluster` allocated. The caller holds `meta`, so a flush's
-    /// bitmap snapshot and the generation it records agree.
+    /// bitmap snapshot and the generation it records agree, and the bitmap
+    /// cannot be replaced meanwhile.
     fn set_allocated(&self, cluster: u64, _meta: &Meta) {
-        let word = &self.bits[(cluster / 64) as usize];
+        let bits = self.bits.load();
+        let Some(word) = bits.get((cluster / 64) as usize) else {
+            return;
+        };
         let bit = 1 << (cluster % 64);
         if word.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
             self.alloc_gen.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// The bitmap as bytes, `bitmap_bytes(size)` long.
+    fn bitmap_snapshot(&self, size: u64) -> Vec<u8> {
+        let mut bm: Vec<u8> = self
+            .bits
+            .load()
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
+            .collect();
+        bm.resize(bitmap_bytes(size) as usize, 0);
+        bm
     }
 
     /// The disk's flush-error latch, shared with the engines of its data
@@ -298,6 +321,7 @@ impl Overlay {
     /// Allocated clusters, for `volume show`.
     pub fn allocated_clusters(&self) -> u64 {
         self.bits
+            .load()
             .iter()
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
             .sum()
@@ -325,11 +349,8 @@ impl Overlay {
         // bit was set after its data write returned, so the fdatasync
         // below makes that data durable before the bitmap names it.
         let covers = self.alloc_gen.load(Ordering::Acquire);
-        let bm: Vec<u8> = self
-            .bits
-            .iter()
-            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
-            .collect();
+        let size = self.size();
+        let bm = self.bitmap_snapshot(size);
         self.sync_data()?;
         #[cfg(test)]
         if let Some(hook) = self
@@ -342,9 +363,9 @@ impl Overlay {
         }
         let next = meta.generation + 1;
         let slot = 1 - meta.slot;
-        let off = slot * slot_len(self.size);
+        let off = slot * slot_len(size);
         meta.file
-            .write_all_at(&header(self.size, next, &bm), off)
+            .write_all_at(&header(size, next, &bm), off)
             .and_then(|_| meta.file.write_all_at(&bm, off + HEADER))
             .and_then(|_| failpoint::sync_data(&meta.file))?;
         meta.generation = next;
@@ -360,20 +381,20 @@ impl Overlay {
     /// that still opens if the data file was not extended; after the data
     /// file was extended only `path` opens with it.
     pub fn write_grown_bitmap(&self, path: &Path, new_size: u64) -> Result<(), OverlayError> {
-        if new_size < self.size {
+        let _meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        self.write_grown_bitmap_locked(path, new_size)
+    }
+
+    fn write_grown_bitmap_locked(&self, path: &Path, new_size: u64) -> Result<(), OverlayError> {
+        let size = self.size();
+        if new_size < size {
             return Err(OverlayError::SizeMismatch {
                 path: path.display().to_string(),
                 found: new_size,
-                expected: self.size,
+                expected: size,
             });
         }
-        let _meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
-        let mut bm: Vec<u8> = self
-            .bits
-            .iter()
-            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
-            .collect();
-        bm.resize(bitmap_bytes(new_size) as usize, 0);
+        let bm = self.bitmap_snapshot(new_size);
         let b = File::options()
             .write(true)
             .create_new(true)
@@ -384,6 +405,65 @@ impl Overlay {
             .and_then(|_| b.write_all_at(&bm, HEADER))
             .and_then(|_| b.sync_all())
             .map_err(io_err(path))?;
+        Ok(())
+    }
+
+    /// Grow the overlay to `new_size` while queues use it: the grown bitmap
+    /// is written to `grown` (beside `bitmap`), the data file extended, and
+    /// `grown` renamed over `bitmap`, as for an overlay at rest (a crash
+    /// anywhere in between is finished or undone at the next start, see
+    /// [`Overlay::write_grown_bitmap`]); then flushes use the new bitmap
+    /// file and lookups the longer bitmap. Allocation and flushes wait for
+    /// the allocation lock meanwhile; reads and writes of allocated
+    /// clusters go on.
+    pub fn grow(&self, new_size: u64, grown: &Path, bitmap: &Path) -> Result<(), OverlayError> {
+        let mut meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.size();
+        if new_size == old {
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(grown);
+        // Everything allocated so far goes into the new bitmap: make its
+        // data durable first, as a flush would.
+        self.sync_data().map_err(io_err(grown))?;
+        let covers = self.alloc_gen.load(Ordering::Acquire);
+        if let Err(e) = self.write_grown_bitmap_locked(grown, new_size) {
+            let _ = std::fs::remove_file(grown);
+            return Err(e);
+        }
+        if let Err(e) = self
+            .data
+            .set_len(new_size)
+            .and_then(|_| self.data.sync_all())
+        {
+            let _ = self.data.set_len(old);
+            let _ = std::fs::remove_file(grown);
+            return Err(io_err(grown)(e));
+        }
+        std::fs::rename(grown, bitmap).map_err(io_err(grown))?;
+        if let Some(dir) = bitmap.parent() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(dir))?;
+        }
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(bitmap)
+            .map_err(io_err(bitmap))?;
+        *meta = Meta {
+            file,
+            generation: 1,
+            slot: 0,
+        };
+        let old_bits = self.bits.load();
+        let words = (bitmap_bytes(new_size) / 8) as usize;
+        let bits: Vec<AtomicU64> = (0..words)
+            .map(|i| AtomicU64::new(old_bits.get(i).map_or(0, |w| w.load(Ordering::Acquire))))
+            .collect();
+        self.bits.store(Arc::new(bits));
+        self.size.store(new_size, Ordering::Release);
+        self.durable_gen.fetch_max(covers, Ordering::AcqRel);
         Ok(())
     }
 
@@ -413,7 +493,7 @@ impl Overlay {
         let cluster = offset / CLUSTER_SIZE;
         let guard = self.meta.lock().unwrap_or_else(|e| e.into_inner());
         let start = cluster * CLUSTER_SIZE;
-        let end = (start + CLUSTER_SIZE).min(self.size);
+        let end = (start + CLUSTER_SIZE).min(self.size());
         let whole = offset == start && offset + len == end;
         if self.is_allocated(cluster) || whole {
             match src {

@@ -403,3 +403,41 @@ fn a_failed_bitmap_write_is_retried_not_latched() {
     run(&mut e, Op::flush()).unwrap();
     assert!(rig.open().is_allocated(1));
 }
+
+#[test]
+fn growing_in_use_keeps_every_cluster_and_serves_the_new_range() {
+    let mut rig = Rig::new();
+    let ov = rig.open();
+    let mut e = OverlayEngine::new(ov.clone(), EngineKind::IoUring, 4).unwrap();
+    let mut a = vec![0x41u8; 4096];
+    run(&mut e, Op::write(CLUSTER_SIZE + 512, vec![sl(&mut a)])).unwrap();
+    rig.model[(CLUSTER_SIZE + 512) as usize..(CLUSTER_SIZE + 512 + 4096) as usize].fill(0x41);
+    let p = |n| rig.dir.path().join(n);
+    let new_size = SIZE + 8 * CLUSTER_SIZE;
+    ov.grow(new_size, &p("bitmap.grown"), &p("bitmap")).unwrap();
+    assert_eq!(ov.size(), new_size);
+    assert!(!p("bitmap.grown").exists());
+    // The same engine writes past the old end; the old cluster is intact.
+    let mut b = vec![0x42u8; 4096];
+    run(&mut e, Op::write(SIZE + 2 * CLUSTER_SIZE, vec![sl(&mut b)])).unwrap();
+    run(&mut e, Op::flush()).unwrap();
+    rig.model.resize(new_size as usize, 0);
+    rig.model[(SIZE + 2 * CLUSTER_SIZE) as usize..(SIZE + 2 * CLUSTER_SIZE + 4096) as usize]
+        .fill(0x42);
+    drop(e);
+    // Reopened from disk: the new size, both clusters, the same content.
+    let ov2 = rig.open();
+    assert_eq!(ov2.size(), new_size);
+    assert!(ov2.is_allocated(1));
+    assert!(ov2.is_allocated((SIZE + 2 * CLUSTER_SIZE) / CLUSTER_SIZE));
+    let mut e2 = OverlayEngine::new(ov2, EngineKind::Sync, 4).unwrap();
+    let mut buf = vec![0xeeu8; new_size as usize];
+    assert_eq!(
+        run(&mut e2, Op::read(0, vec![sl(&mut buf)])).unwrap(),
+        new_size
+    );
+    assert!(buf == rig.model, "content differs after growing");
+    // Shrinking is not growing.
+    assert!(ov.grow(SIZE, &p("bitmap.grown"), &p("bitmap")).is_err());
+    assert_eq!(ov.size(), new_size);
+}

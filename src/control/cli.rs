@@ -5,6 +5,7 @@
 //! 3 the daemon cannot be reached.
 
 mod bar;
+mod qmp;
 mod render;
 mod table;
 
@@ -110,11 +111,20 @@ pub enum VolumeVerb {
     Show { name: String },
     /// Delete a volume that is not exported.
     Delete { name: String },
-    /// Grow a volume.
+    /// Grow a volume, exported or not (volumes never shrink). An exported
+    /// volume's device reports the new size at once; its guest sees it once
+    /// the VMM re-reads the device config: with --qmp and --qdev, vdiskctl
+    /// asks QEMU to (QMP device-sync-config, QEMU 9.2 and later).
     Resize {
         name: String,
         #[arg(value_parser = size_arg)]
         size: u64,
+        /// The VM's QMP socket.
+        #[arg(long, value_name = "PATH", requires = "qdev")]
+        qmp: Option<PathBuf>,
+        /// The vhost-user-blk device's id in that VM (-device ...,id=ID).
+        #[arg(long, value_name = "ID", requires = "qmp")]
+        qdev: Option<String>,
     },
     /// Write the volume's content, flattened, to a sparse raw file.
     ExportRaw { name: String, file: PathBuf },
@@ -191,7 +201,7 @@ impl Noun {
                 VolumeVerb::List => Call::VolumeList(none),
                 VolumeVerb::Show { name } => Call::VolumeShow(VolumeRef { name: name.clone() }),
                 VolumeVerb::Delete { name } => Call::VolumeDelete(VolumeRef { name: name.clone() }),
-                VolumeVerb::Resize { name, size } => Call::VolumeResize(VolumeResize {
+                VolumeVerb::Resize { name, size, .. } => Call::VolumeResize(VolumeResize {
                     name: name.clone(),
                     size: Size(*size),
                 }),
@@ -265,6 +275,31 @@ pub fn run(args: Args) -> u8 {
     if matches!(call, Call::Watch(_)) {
         return watch(&mut client, args.json);
     }
+    // After a live grow, ask the VMM to show the guest the new size.
+    let mut note = String::new();
+    if let Noun::Volume {
+        verb: VolumeVerb::Resize { qmp, qdev, .. },
+    } = &args.noun
+    {
+        let exported = result.get("exported").and_then(serde_json::Value::as_bool) == Some(true);
+        match (qmp, qdev) {
+            (Some(qmp), Some(qdev)) => {
+                if let Err(e) = qmp::device_sync_config(qmp, qdev) {
+                    eprintln!("vdiskctl: the volume grew, but telling the VM failed: {e}");
+                    return EXIT_FAILED;
+                }
+                note =
+                    format!("the VM re-read device {qdev}'s config: the guest sees the new size\n");
+            }
+            _ if exported => {
+                note = "the export reports the new size now; the guest sees it once its VMM \
+                        re-reads the device config (QEMU: QMP device-sync-config, or \
+                        vdiskctl volume resize ... --qmp SOCKET --qdev ID)\n"
+                    .to_string();
+            }
+            _ => {}
+        }
+    }
     let text = if args.json {
         format!("{:#}\n", result)
     } else {
@@ -277,6 +312,9 @@ pub fn run(args: Args) -> u8 {
         }
     };
     print(&text);
+    if !note.is_empty() && !args.json {
+        print(&note);
+    }
     0
 }
 

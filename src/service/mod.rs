@@ -337,7 +337,7 @@ impl Daemon {
             .into_bytes();
         serial.truncate(ID_BYTES);
         let cfg = DeviceConfig {
-            size: disk.size(),
+            size: std::sync::atomic::AtomicU64::new(disk.size()),
             num_queues: rec.queues,
             queue_size: crate::vhost::device::MAX_QUEUE_SIZE as u16,
             readonly: rec.readonly,
@@ -584,20 +584,38 @@ impl Daemon {
         let running = self.lock();
         self.check_not_busy(name)?;
         let v = self.catalog.volume(name).map_err(catalog_err)?;
-        if running.contains_key(name) {
-            return Err(ApiError::new(
-                ErrorCode::InUse,
-                format!(
-                    "volume `{name}` is exported; resizing a running export is not supported yet, \
-                     stop the export first"
-                ),
-            ));
-        }
         if size < v.size {
             return Err(ApiError::new(
                 ErrorCode::BadRequest,
                 format!("volumes only grow: `{name}` has {} bytes", v.size),
             ));
+        }
+        if !size.is_multiple_of(512) {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("size {size} is not a multiple of 512"),
+            ));
+        }
+        if let (true, Some(r)) = (size > v.size, running.get(name)) {
+            // Live: the disk grows under its queues, then the device
+            // accepts the new range and its config space says so.
+            let grown = self.volume_dir(name).join(GROWN_BITMAP_FILE);
+            r.disk.grow(size, &grown).map_err(|e| match e {
+                crate::block::GrowError::Io(e) => io_api("grow", &v.path)(e),
+                other => ApiError::new(ErrorCode::BadRequest, format!("`{name}`: {other}")),
+            })?;
+            r.server.set_capacity(size);
+            self.catalog
+                .set_volume_size(name, size)
+                .map_err(catalog_err)?;
+            self.publish(EventKind::VolumeGrown {
+                name: name.into(),
+                size,
+                old_size: v.size,
+                live: true,
+            });
+            let v = self.catalog.volume(name).map_err(catalog_err)?;
+            return Ok(self.volume_info(&v, true));
         }
         if size > v.size {
             match v.kind {
@@ -614,9 +632,11 @@ impl Daemon {
             self.catalog
                 .set_volume_size(name, size)
                 .map_err(catalog_err)?;
-            self.publish(EventKind::VolumeResized {
+            self.publish(EventKind::VolumeGrown {
                 name: name.into(),
                 size,
+                old_size: v.size,
+                live: false,
             });
         }
         let v = self.catalog.volume(name).map_err(catalog_err)?;

@@ -1,6 +1,6 @@
 //! virtio-blk feature bits and the device configuration space.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// virtio-blk and transport feature bits (virtio 1.2, 5.2.3 and 6).
 pub mod feature {
@@ -48,8 +48,9 @@ pub const ID_BYTES: usize = 20;
 /// Everything the guest can learn about the device.
 #[derive(Debug)]
 pub struct DeviceConfig {
-    /// Disk size in bytes (a multiple of 512).
-    pub size: u64,
+    /// Disk size in bytes (a multiple of 512); grows while the device is
+    /// in use (`set_size`), never shrinks.
+    pub size: AtomicU64,
     pub num_queues: u16,
     pub queue_size: u16,
     pub readonly: bool,
@@ -70,7 +71,18 @@ impl DeviceConfig {
     }
 
     pub fn sectors(&self) -> u64 {
-        self.size / 512
+        self.size() / 512
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The disk grew: requests up to `size` are accepted from now on, and
+    /// the config space says so (the VMM re-reads it on a config-change
+    /// notification or QMP `device-sync-config`).
+    pub fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Release);
     }
 
     pub fn features(&self) -> u64 {
@@ -173,7 +185,7 @@ mod tests {
 
     fn cfg(readonly: bool) -> DeviceConfig {
         DeviceConfig {
-            size: 1 << 30,
+            size: AtomicU64::new(1 << 30),
             num_queues: 4,
             queue_size: 256,
             readonly,

@@ -22,7 +22,7 @@ fn mem() -> GuestMemoryMmap {
 
 fn cfg(readonly: bool) -> DeviceConfig {
     DeviceConfig {
-        size: 1 << 20, // 2048 sectors
+        size: std::sync::atomic::AtomicU64::new(1 << 20), // 2048 sectors
         num_queues: 1,
         queue_size: 16,
         readonly,

@@ -124,6 +124,13 @@ impl Server {
         self.device.stats()
     }
 
+    /// The disk grew to `size` bytes: requests up to it are accepted and
+    /// the config space reports it from now on.
+    pub fn set_capacity(&self, size: u64) {
+        self.device.config().set_size(size);
+        log::info!("export {}: capacity now {size} bytes", self.name);
+    }
+
     /// Stop: disconnect the frontend, let in-flight I/O finish, make it
     /// durable, remove the socket.
     pub fn stop(mut self) {

@@ -38,7 +38,7 @@ struct Rig {
 
 fn cfg(readonly: bool) -> DeviceConfig {
     DeviceConfig {
-        size: DISK_SIZE,
+        size: std::sync::atomic::AtomicU64::new(DISK_SIZE),
         num_queues: 1,
         queue_size: QSIZE,
         readonly,

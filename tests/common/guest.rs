@@ -266,7 +266,7 @@ impl Guest {
             cmd.args(["-chardev", &chardev]).args([
                 "-device",
                 &format!(
-                    "vhost-user-blk-pci,chardev=vdisk{i},num-queues={}",
+                    "vhost-user-blk-pci,chardev=vdisk{i},num-queues={},id=disk{i}",
                     disk.num_queues
                 ),
             ]);
@@ -336,6 +336,12 @@ impl RunningGuest {
             }
             thread::sleep(POLL);
         }
+    }
+
+    /// The QMP socket (the guest was made with [`Guest::qmp`]), for a tool
+    /// that talks to QEMU itself. Disk `i` is the device `disk{i}`.
+    pub fn qmp_socket(&self) -> Option<&Path> {
+        self.qmp_path.as_deref()
     }
 
     /// Waits until the console has `n` lines that start with `prefix`;

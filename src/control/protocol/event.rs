@@ -72,8 +72,15 @@ pub enum EventKind {
     },
     #[serde(rename = "volume.deleted")]
     VolumeDeleted { name: String },
-    #[serde(rename = "volume.resized")]
-    VolumeResized { name: String, size: u64 },
+    /// The volume grew to `size` bytes; `live` when it is exported (the
+    /// guest sees the new size once its VMM re-reads the device config).
+    #[serde(rename = "volume.grown")]
+    VolumeGrown {
+        name: String,
+        size: u64,
+        old_size: u64,
+        live: bool,
+    },
     #[serde(rename = "export.started")]
     ExportStarted { volume: String, socket: PathBuf },
     #[serde(rename = "export.stopped")]
