@@ -5,8 +5,8 @@
 #    guest kernel, fio, busybox), 2. checks formatting and clippy, 3. runs
 #    every test: unit tests, the property test over random rings, blkio
 #    client tests against vdiskd's socket, daemon contract tests and QEMU
-#    guest tests, one test binary at a time, 4. a one-second smoke run of the
-#    benchmark. Prints how long each stage took.
+#    guest tests, one test binary at a time, 4. one-second smoke runs of the
+#    benchmarks. Prints how long each stage took.
 #
 # Nothing may hang it: each test binary runs under `timeout`
 # (VDISK_TEST_BINARY_TIMEOUT seconds, default 900) and the whole test stage
@@ -90,3 +90,5 @@ stage "test: doc tests" run_tests "doc tests" --doc || test_rc=1
 
 stage "benchmark smoke (1 s per workload)" \
     env VDISK_BENCH_SECS=1 timeout --kill-after=10 600 cargo bench --locked --bench datapath
+stage "clone benchmark smoke (1 s per run)" \
+    timeout --kill-after=10 600 cargo bench --locked --bench clones -- --quick

@@ -630,6 +630,29 @@ impl OverlayEngine {
         }
     }
 
+    /// Whether all of `op` is served by one file, and which: a read or
+    /// write whose clusters are all allocated goes to the data file
+    /// (`Some(false)`); a read whose clusters are all unallocated and that
+    /// ends inside the base goes to the base (`Some(true)`). Anything else
+    /// is split (`None`).
+    fn one_file(&self, op: &Op) -> Option<bool> {
+        let first = op.offset / CLUSTER_SIZE;
+        let last = (op.offset + op.len - 1) / CLUSTER_SIZE;
+        let allocated = self.ov.is_allocated(first);
+        if (first + 1..=last).any(|c| self.ov.is_allocated(c) != allocated) {
+            return None;
+        }
+        match (allocated, op.kind) {
+            (true, _) => Some(false),
+            (false, OpKind::Read)
+                if self.base.is_some() && op.offset + op.len <= self.ov.base_size =>
+            {
+                Some(true)
+            }
+            _ => None,
+        }
+    }
+
     /// Split a read by cluster runs: allocated from the data file,
     /// unallocated from the base, zeros past the base.
     fn read(&mut self, op: &Op, slot: u64) {
@@ -760,6 +783,14 @@ impl Engine for OverlayEngine {
         });
         let slot = u64::from(slot);
         match op.kind {
+            // The common case, a request inside one run of clusters: the
+            // op goes to one file as it is, with no split and no copy of
+            // its slices.
+            OpKind::Read | OpKind::Write if op.len > 0 => match self.one_file(&op) {
+                Some(to_base) => self.inner(to_base, op, slot),
+                None if op.kind == OpKind::Read => self.read(&op, slot),
+                None => self.modify(&op, slot),
+            },
             OpKind::Read => self.read(&op, slot),
             OpKind::Flush => {
                 if let Err(e) = self.ov.flush() {
