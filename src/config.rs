@@ -251,8 +251,42 @@ pub struct FileConfig {
     /// Serve Prometheus metrics over http on this address
     /// (`"127.0.0.1:9337"`); off when absent.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Ready copies: `reserve` (a size or a percentage of the file system,
+    /// default 10%) and `rate` (bytes per second the filler copies at,
+    /// default unlimited).
+    pub pool: Option<PoolSection>,
     #[serde(default)]
     pub export: Vec<toml::Table>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PoolSection {
+    pub reserve: Option<String>,
+    pub rate: Option<String>,
+}
+
+impl PoolSection {
+    pub fn settings(&self) -> Result<crate::pool::PoolConfig, ConfigError> {
+        let mut cfg = crate::pool::PoolConfig::default();
+        let bad = |key: &str, value: &str, why: String| ConfigError::BadValue {
+            key: format!("pool.{key}"),
+            value: value.to_string(),
+            why,
+        };
+        if let Some(r) = &self.reserve {
+            cfg.reserve =
+                crate::pool::Reserve::parse(r).map_err(|e| bad("reserve", r, e.to_string()))?;
+        }
+        if let Some(r) = &self.rate {
+            cfg.rate = Some(
+                parse_size(r)
+                    .filter(|v| *v > 0)
+                    .ok_or_else(|| bad("rate", r, "bytes per second, such as 200M".into()))?,
+            );
+        }
+        Ok(cfg)
+    }
 }
 
 impl FileConfig {

@@ -84,6 +84,7 @@ pub struct Settings {
     pub control: PathBuf,
     pub log: Option<String>,
     pub metrics: Option<std::net::SocketAddr>,
+    pub pool: crate::pool::PoolConfig,
     pub exports: Vec<ExportSpec>,
 }
 
@@ -109,6 +110,10 @@ impl Settings {
                 .unwrap_or_else(|| config::DEFAULT_CONTROL.into()),
             log: file.log,
             metrics: args.metrics.or(file.metrics),
+            pool: match &file.pool {
+                Some(p) => p.settings()?,
+                None => crate::pool::PoolConfig::default(),
+            },
             exports,
         })
     }
@@ -176,11 +181,15 @@ pub fn run(settings: Settings) -> Result<(), DaemonError> {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let service = Arc::new(
-        Daemon::open(&settings.state_dir, &socket_dir, bus.clone()).map_err(|source| {
-            DaemonError::Service {
-                path: settings.state_dir.display().to_string(),
-                source,
-            }
+        Daemon::open_with(
+            &settings.state_dir,
+            &socket_dir,
+            bus.clone(),
+            settings.pool.clone(),
+        )
+        .map_err(|source| DaemonError::Service {
+            path: settings.state_dir.display().to_string(),
+            source,
         })?,
     );
     let auth = AuthPolicy::root_and_groups(group_gid(VDISK_GROUP).into_iter().collect());

@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod pool;
 pub mod service;
 pub mod sys;
 pub mod vhost;

@@ -133,6 +133,18 @@ impl Catalog {
                 .map_err(db("find dependent volumes"))?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(db("find dependent volumes"))?;
+            let mut dependants = dependants;
+            let pooled: Option<i64> = tx
+                .query_row(
+                    "SELECT priority FROM pool WHERE digest = ?1",
+                    [digest],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db("find pool entry"))?;
+            if pooled.is_some() {
+                dependants.push("its pool entry (vdiskctl pool unset)".into());
+            }
             if !dependants.is_empty() {
                 return Err(CatalogError::InUse { dependants });
             }

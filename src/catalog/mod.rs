@@ -11,6 +11,7 @@
 
 mod exports;
 mod images;
+mod pool;
 mod records;
 mod schema;
 mod volumes;
@@ -27,6 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 pub use images::check_image_name;
+pub use pool::{CopyState, PoolCopy, PoolEntry, MAX_COPIES};
 pub use records::{ExportRecord, ImageRecord, VolumeKind, VolumeRecord, VolumeState};
 pub use schema::SCHEMA_VERSION;
 

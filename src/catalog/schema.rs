@@ -42,6 +42,8 @@ const MIGRATIONS: &[&str] = &[
         serial   TEXT
     ) STRICT;
     ",
+    // 2: ready copies (the pool).
+    super::pool::MIGRATION,
 ];
 
 /// The schema version this build writes.

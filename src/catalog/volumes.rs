@@ -14,50 +14,7 @@ impl Catalog {
     /// says), before its files are made. Fails with `Exists` if the name
     /// is taken and `NotFound` if the base image is unknown.
     pub fn begin_volume(&self, rec: &VolumeRecord) -> Result<(), CatalogError> {
-        check_name(&rec.name)?;
-        let invalid = |why| CatalogError::Invalid {
-            what: "volume",
-            name: rec.name.clone(),
-            why,
-        };
-        match (rec.kind, &rec.base) {
-            (VolumeKind::Empty, None) => {}
-            (VolumeKind::Empty, Some(_)) => return Err(invalid("an empty volume has no base")),
-            (VolumeKind::Overlay | VolumeKind::Full, None) => {
-                return Err(invalid("an overlay or full copy needs a base image"))
-            }
-            (VolumeKind::Overlay | VolumeKind::Full, Some(base)) => check_digest(base)?,
-        }
-        if rec.path.as_os_str().is_empty() {
-            return Err(invalid("empty data file path"));
-        }
-        let size = to_i64("volume size", rec.size)?;
-        self.write("begin volume", |tx| {
-            if load_volume(tx, &rec.name)?.is_some() {
-                return Err(CatalogError::Exists {
-                    what: "volume",
-                    name: rec.name.clone(),
-                });
-            }
-            if let Some(base) = &rec.base {
-                super::images::require_image(tx, base)?;
-            }
-            tx.execute(
-                "INSERT INTO volumes (name, kind, base, size, path, state, created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    rec.name,
-                    rec.kind.as_str(),
-                    rec.base,
-                    size,
-                    path_bytes(&rec.path),
-                    VolumeState::Creating.as_str(),
-                    rec.created
-                ],
-            )
-            .map_err(db("insert volume"))?;
-            Ok(())
-        })
+        self.write("begin volume", |tx| insert_creating(tx, rec))
     }
 
     /// Mark a volume `Ready`: its files are complete and durable.
@@ -199,4 +156,53 @@ fn select(
         });
     }
     Ok(out)
+}
+
+/// Check `rec` and record it as `Creating`, in the caller's transaction.
+pub(super) fn insert_creating(
+    tx: &Transaction<'_>,
+    rec: &VolumeRecord,
+) -> Result<(), CatalogError> {
+    check_name(&rec.name)?;
+    let invalid = |why| CatalogError::Invalid {
+        what: "volume",
+        name: rec.name.clone(),
+        why,
+    };
+    match (rec.kind, &rec.base) {
+        (VolumeKind::Empty, None) => {}
+        (VolumeKind::Empty, Some(_)) => return Err(invalid("an empty volume has no base")),
+        (VolumeKind::Overlay | VolumeKind::Full, None) => {
+            return Err(invalid("an overlay or full copy needs a base image"))
+        }
+        (VolumeKind::Overlay | VolumeKind::Full, Some(base)) => check_digest(base)?,
+    }
+    if rec.path.as_os_str().is_empty() {
+        return Err(invalid("empty data file path"));
+    }
+    let size = to_i64("volume size", rec.size)?;
+    if load_volume(tx, &rec.name)?.is_some() {
+        return Err(CatalogError::Exists {
+            what: "volume",
+            name: rec.name.clone(),
+        });
+    }
+    if let Some(base) = &rec.base {
+        super::images::require_image(tx, base)?;
+    }
+    tx.execute(
+        "INSERT INTO volumes (name, kind, base, size, path, state, created)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            rec.name,
+            rec.kind.as_str(),
+            rec.base,
+            size,
+            path_bytes(&rec.path),
+            VolumeState::Creating.as_str(),
+            rec.created
+        ],
+    )
+    .map_err(db("insert volume"))?;
+    Ok(())
 }

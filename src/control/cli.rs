@@ -18,8 +18,8 @@ use clap::{Parser, Subcommand};
 use self::bar::Bar;
 use super::client::{Client, ClientError};
 use super::protocol::{
-    Call, ExportRef, ExportStart, ImageFetch, ImageImport, ImageRef, NoParams, Progress, Response,
-    Size, VolumeCreate, VolumeExportRaw, VolumeRef, VolumeResize,
+    Call, ExportRef, ExportStart, ImageFetch, ImageImport, ImageRef, NoParams, PoolRef, PoolSet,
+    Progress, Response, Size, VolumeCreate, VolumeExportRaw, VolumeRef, VolumeResize,
 };
 use crate::config::DEFAULT_CONTROL;
 
@@ -56,6 +56,11 @@ pub enum Noun {
     Export {
         #[command(subcommand)]
         verb: ExportVerb,
+    },
+    /// Ready full copies of images, made before they are asked for.
+    Pool {
+        #[command(subcommand)]
+        verb: PoolVerb,
     },
     /// Per-volume I/O figures and cache usage.
     Stats,
@@ -128,6 +133,28 @@ pub enum VolumeVerb {
     },
     /// Write the volume's content, flattened, to a sparse raw file.
     ExportRaw { name: String, file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolVerb {
+    /// Keep ready full copies of IMAGE: `volume create --full` then takes
+    /// one instead of copying.
+    Set {
+        image: String,
+        /// Importance, 1 (least) to 10: how many copies (see `pool list`)
+        /// and which go first when space runs short.
+        #[arg(long)]
+        priority: u8,
+        /// Ready copies to keep (default: by the priority).
+        #[arg(long)]
+        copies: Option<u32>,
+    },
+    /// Stop keeping copies of IMAGE and delete the ready ones.
+    Unset { image: String },
+    /// One image's copies: wanted, ready, being made, hits and misses.
+    Show { image: String },
+    /// Every image with ready copies, the rule and the space.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,6 +255,24 @@ impl Noun {
                     volume: volume.clone(),
                 }),
                 ExportVerb::List => Call::ExportList(none),
+            },
+            Noun::Pool { verb } => match verb {
+                PoolVerb::Set {
+                    image,
+                    priority,
+                    copies,
+                } => Call::PoolSet(PoolSet {
+                    image: image.clone(),
+                    priority: *priority,
+                    copies: *copies,
+                }),
+                PoolVerb::Unset { image } => Call::PoolUnset(PoolRef {
+                    image: image.clone(),
+                }),
+                PoolVerb::Show { image } => Call::PoolShow(PoolRef {
+                    image: image.clone(),
+                }),
+                PoolVerb::List => Call::PoolList(none),
             },
             Noun::Stats => Call::Stats(none),
             Noun::Watch => Call::Watch(none),

@@ -14,14 +14,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use call::{
-    Call, ExportRef, ExportStart, ImageFetch, ImageImport, ImageRef, NoParams, VolumeCreate,
-    VolumeExportRaw, VolumeRef, VolumeResize,
+    Call, ExportRef, ExportStart, ImageFetch, ImageImport, ImageRef, NoParams, PoolRef, PoolSet,
+    VolumeCreate, VolumeExportRaw, VolumeRef, VolumeResize,
 };
 pub use event::{unix_ms, Event, EventKind, Progress};
 pub use result::{
     CacheStats, Done, ExportInfo, ExportList, ImageFormat, ImageInfo, ImageList, IoCounters,
-    RawExported, Response, Shape, StatsResult, VersionInfo, VolumeInfo, VolumeKind, VolumeList,
-    VolumeState, VolumeStats, Watching,
+    PoolInfo, PoolList, RawExported, Response, Shape, StatsResult, VersionInfo, VolumeInfo,
+    VolumeKind, VolumeList, VolumeState, VolumeStats, Watching,
 };
 pub use size::Size;
 

@@ -17,14 +17,17 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::block::{Disk, DiskSource, EngineKind, OpenOptions, Overlay};
 use crate::cache::ImageCache;
 use crate::catalog::{self, Catalog, ExportRecord, ImageRecord, VolumeKind, VolumeRecord};
+use crate::catalog::{CopyState, PoolCopy, PoolEntry};
 use crate::config::{ExportSource, ExportSpec};
 use crate::control::protocol::{
     CacheStats, Done, ExportInfo, ExportList, ExportStart, ImageFormat, ImageInfo, ImageList,
     IoCounters, RawExported, VolumeCreate, VolumeInfo, VolumeList, VolumeStats,
 };
+use crate::control::protocol::{PoolInfo, PoolList, PoolSet};
 use crate::control::{
     ApiError, Call, ErrorCode, EventBus, EventKind, Progress, Response, Service, StatsResult,
 };
+use crate::pool::{Filler, PoolConfig, PoolEvent};
 use crate::vhost::config::ID_BYTES;
 use crate::vhost::events::ExportEvent;
 use crate::vhost::server::Server;
@@ -46,6 +49,8 @@ pub const GROWN_BITMAP_FILE: &str = "bitmap.grown";
 pub enum StartError {
     #[error(transparent)]
     Catalog(#[from] catalog::CatalogError),
+    #[error(transparent)]
+    Pool(#[from] crate::pool::PoolError),
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
     #[error("cannot create {path}")]
@@ -129,6 +134,11 @@ pub struct Daemon {
     /// Volumes with long work running, and what it is. Taken after
     /// `exports` when both are needed.
     busy: Mutex<HashMap<String, &'static str>>,
+    /// Ready copies: where they live, the settings, and the thread that
+    /// makes them.
+    pool_dir: PathBuf,
+    pool_config: PoolConfig,
+    filler: Mutex<Option<Filler>>,
 }
 
 /// A volume marked busy until this is dropped.
@@ -151,6 +161,16 @@ impl Daemon {
     /// Open the catalog and the image cache under `state_dir`, roll back
     /// volumes a crash left half-made, and restart every recorded export.
     pub fn open(state_dir: &Path, socket_dir: &Path, bus: EventBus) -> Result<Daemon, StartError> {
+        Daemon::open_with(state_dir, socket_dir, bus, PoolConfig::default())
+    }
+
+    /// [`Daemon::open`] with the `[pool]` settings.
+    pub fn open_with(
+        state_dir: &Path,
+        socket_dir: &Path,
+        bus: EventBus,
+        pool_config: PoolConfig,
+    ) -> Result<Daemon, StartError> {
         let catalog = Arc::new(Catalog::open(state_dir)?);
         let cache = ImageCache::open(state_dir, catalog.clone(), None)?;
         let volumes_dir = state_dir.join(VOLUMES_DIR);
@@ -166,6 +186,9 @@ impl Daemon {
             bus,
             exports: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashMap::new()),
+            pool_dir: state_dir.join(crate::pool::POOL_DIR),
+            pool_config,
+            filler: Mutex::new(None),
         };
         for v in d.catalog.incomplete_volumes()? {
             log::warn!(
@@ -192,7 +215,63 @@ impl Daemon {
             }
         }
         drop(running);
+        d.start_pool()?;
         Ok(d)
+    }
+
+    /// Clean up what a crash left in the pool and start the filler.
+    fn start_pool(&self) -> Result<(), StartError> {
+        crate::pool::recover(&self.catalog, &self.pool_dir)?;
+        let (_, total) =
+            crate::pool::fs_space(&self.pool_dir).map_err(|e| crate::pool::PoolError::Io {
+                op: "statvfs",
+                path: self.pool_dir.display().to_string(),
+                source: e,
+            })?;
+        let reserve = self.pool_config.reserve.bytes(total);
+        if reserve >= total {
+            return Err(crate::pool::PoolError::Config(format!(
+                "reserve of {reserve} bytes is not smaller than the file system of {} ({total} bytes)",
+                self.pool_dir.display()
+            ))
+            .into());
+        }
+        let images = self.cache.dir().to_path_buf();
+        let bus = self.bus.clone();
+        let filler = Filler::start(crate::pool::FillerContext {
+            catalog: self.catalog.clone(),
+            dir: self.pool_dir.clone(),
+            config: self.pool_config.clone(),
+            image_path: Box::new(move |digest| images.join(digest)),
+            events: Box::new(move |e| {
+                let kind = match e {
+                    PoolEvent::CopyReady { digest } => EventKind::PoolCopyReady { image: digest },
+                    PoolEvent::Evicted { digest, reason } => EventKind::PoolEvicted {
+                        image: digest,
+                        reason,
+                    },
+                };
+                bus.publish(kind.into());
+            }),
+        })
+        .map_err(|e| crate::pool::PoolError::Io {
+            op: "start the filler for",
+            path: self.pool_dir.display().to_string(),
+            source: e,
+        })?;
+        *self.filler.lock().unwrap_or_else(|e| e.into_inner()) = Some(filler);
+        Ok(())
+    }
+
+    fn wake_filler(&self) {
+        if let Some(f) = self
+            .filler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            f.wake();
+        }
     }
 
     /// Serve a `--export volume=NAME` from the command line. It is not
@@ -252,6 +331,9 @@ impl Daemon {
     /// Stop every export (drain, flush, remove the sockets). The catalog
     /// keeps them: they come back at the next start.
     pub fn shutdown(&self) {
+        if let Some(mut f) = self.filler.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            f.stop();
+        }
         let running: Vec<Running> = self.lock().drain().map(|(_, r)| r).collect();
         for r in running {
             r.server.stop();
@@ -412,6 +494,7 @@ impl Daemon {
                 catalog::VolumeState::Ready => S::Ready,
             },
             exported,
+            from_pool: false,
         }
     }
 
@@ -479,6 +562,11 @@ impl Daemon {
             state: catalog::VolumeState::Creating,
             created: catalog::unix_now(),
         };
+        if kind == VolumeKind::Full {
+            if let Some(info) = self.claim_ready_copy(&rec, image.as_ref(), &dir)? {
+                return Ok(info);
+            }
+        }
         self.catalog.begin_volume(&rec).map_err(catalog_err)?;
         // The row says `creating` (no export can start on it) and the
         // volume is busy (no delete or resize): the copy runs unlocked.
@@ -505,6 +593,139 @@ impl Daemon {
         });
         let v = self.catalog.volume(&rec.name).map_err(catalog_err)?;
         Ok(self.volume_info(&v, false))
+    }
+
+    /// A full copy from the pool when one is ready: the catalog forgets
+    /// the copy and records the volume in one transaction, then the file is
+    /// renamed into place. No data is copied. `None` (a miss, counted) when
+    /// no copy is ready.
+    fn claim_ready_copy(
+        &self,
+        rec: &VolumeRecord,
+        image: Option<&ImageRecord>,
+        dir: &Path,
+    ) -> Result<Option<VolumeInfo>, ApiError> {
+        let Some(copy) = self.catalog.claim_copy(rec).map_err(catalog_err)? else {
+            return Ok(None);
+        };
+        let placed = (|| -> Result<(), ApiError> {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(io_api("remove", dir))?;
+            }
+            std::fs::create_dir_all(dir).map_err(io_api("create", dir))?;
+            std::fs::rename(&copy.path, &rec.path).map_err(io_api("move", &copy.path))?;
+            let f = File::options()
+                .write(true)
+                .open(&rec.path)
+                .map_err(io_api("open", &rec.path))?;
+            if image.is_some_and(|i| rec.size > i.size) {
+                f.set_len(rec.size).map_err(io_api("size", &rec.path))?;
+                f.sync_all().map_err(io_api("fsync", &rec.path))?;
+            }
+            files::sync_dir(dir).map_err(io_api("fsync", dir))?;
+            files::sync_dir(&self.volumes_dir).map_err(io_api("fsync", &self.volumes_dir))?;
+            Ok(())
+        })();
+        if let Err(e) = placed {
+            let _ = std::fs::remove_dir_all(dir);
+            let _ = std::fs::remove_file(&copy.path);
+            let _ = self.catalog.remove_volume(&rec.name);
+            return Err(e);
+        }
+        self.catalog.finish_volume(&rec.name).map_err(catalog_err)?;
+        self.wake_filler();
+        log::info!(
+            "volume {}: a ready copy of {} claimed",
+            rec.name,
+            copy.digest
+        );
+        self.publish(EventKind::PoolClaimed {
+            image: copy.digest.clone(),
+            volume: rec.name.clone(),
+        });
+        self.publish(EventKind::VolumeCreated {
+            name: rec.name.clone(),
+        });
+        let v = self.catalog.volume(&rec.name).map_err(catalog_err)?;
+        let mut info = self.volume_info(&v, false);
+        info.from_pool = true;
+        Ok(Some(info))
+    }
+
+    fn pool_info(&self, e: &PoolEntry, copies: &[PoolCopy]) -> Result<PoolInfo, ApiError> {
+        let img = self.catalog.image(&e.digest).map_err(catalog_err)?;
+        let mine = copies.iter().filter(|c| c.digest == e.digest);
+        let ready = mine.clone().filter(|c| c.state == CopyState::Ready).count() as u32;
+        let making = mine.filter(|c| c.state == CopyState::Making).count() as u32;
+        Ok(PoolInfo {
+            digest: e.digest.clone(),
+            names: img.names,
+            priority: e.priority,
+            wanted: crate::pool::wanted(e),
+            by_rule: e.copies.is_none(),
+            ready,
+            making,
+            bytes_each: img.size,
+            hits: e.hits,
+            misses: e.misses,
+            last_claim: e
+                .last_claim
+                .map(|s| u64::try_from(s).unwrap_or(0).saturating_mul(1000)),
+        })
+    }
+
+    fn pool_set(&self, p: &PoolSet) -> Result<PoolInfo, ApiError> {
+        let img = self.cache.show(&p.image).map_err(cache_err)?;
+        let e = self
+            .catalog
+            .set_pool(&img.digest, p.priority, p.copies)
+            .map_err(catalog_err)?;
+        self.wake_filler();
+        let copies = self.catalog.pool_copies().map_err(catalog_err)?;
+        self.pool_info(&e, &copies)
+    }
+
+    fn pool_unset(&self, image: &str) -> Result<(), ApiError> {
+        let img = self.cache.show(image).map_err(cache_err)?;
+        for c in self.catalog.unset_pool(&img.digest).map_err(catalog_err)? {
+            let _ = std::fs::remove_file(&c.path);
+        }
+        Ok(())
+    }
+
+    fn pool_show(&self, image: &str) -> Result<PoolInfo, ApiError> {
+        let img = self.cache.show(image).map_err(cache_err)?;
+        let e = self
+            .catalog
+            .pool_entry(&img.digest)
+            .map_err(catalog_err)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("image `{image}` has no pool entry (vdiskctl pool set)"),
+                )
+            })?;
+        let copies = self.catalog.pool_copies().map_err(catalog_err)?;
+        self.pool_info(&e, &copies)
+    }
+
+    fn pool_list(&self) -> Result<PoolList, ApiError> {
+        let copies = self.catalog.pool_copies().map_err(catalog_err)?;
+        let entries = self
+            .catalog
+            .pool_entries()
+            .map_err(catalog_err)?
+            .iter()
+            .map(|e| self.pool_info(e, &copies))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (free, total) =
+            crate::pool::fs_space(&self.pool_dir).map_err(io_api("statvfs", &self.pool_dir))?;
+        Ok(PoolList {
+            entries,
+            rule: crate::pool::CopiesRule.describe().to_string(),
+            free_bytes: free,
+            reserve_bytes: self.pool_config.reserve.bytes(total),
+        })
     }
 
     fn make_volume_files(
@@ -962,6 +1183,13 @@ impl Service for Daemon {
                 exports.sort_by(|a, b| a.volume.cmp(&b.volume));
                 Response::Exports(ExportList { exports })
             }
+            Call::PoolSet(p) => Response::Pool(self.pool_set(&p)?),
+            Call::PoolUnset(p) => {
+                self.pool_unset(&p.image)?;
+                Response::Done(Done {})
+            }
+            Call::PoolShow(p) => Response::Pool(self.pool_show(&p.image)?),
+            Call::PoolList(_) => Response::Pools(self.pool_list()?),
             Call::Stats(_) | Call::Watch(_) | Call::Version(_) => {
                 return Err(ApiError::new(
                     ErrorCode::Internal,

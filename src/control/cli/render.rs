@@ -4,8 +4,8 @@ use serde_json::Value;
 
 use super::table::{fields, size, time, Align, Table};
 use crate::control::protocol::{
-    Call, ExportInfo, ImageFormat, ImageInfo, Response, StatsResult, VolumeInfo, VolumeKind,
-    VolumeState,
+    Call, ExportInfo, ImageFormat, ImageInfo, PoolInfo, PoolList, Response, StatsResult,
+    VolumeInfo, VolumeKind, VolumeState,
 };
 
 use Align::{Left, Right};
@@ -34,7 +34,71 @@ pub fn response(call: &Call, r: &Response) -> String {
             env!("CARGO_PKG_VERSION")
         ),
         Response::Done(_) => done(call),
+        Response::Pool(p) => pool(p),
+        Response::Pools(l) => pools(l),
     }
+}
+
+fn pool(p: &PoolInfo) -> String {
+    fields(&[
+        ("image", p.digest.clone()),
+        ("names", p.names.join(", ")),
+        ("priority", p.priority.to_string()),
+        (
+            "copies wanted",
+            if p.by_rule {
+                format!("{} (by the priority rule)", p.wanted)
+            } else {
+                p.wanted.to_string()
+            },
+        ),
+        ("ready", p.ready.to_string()),
+        ("being made", p.making.to_string()),
+        (
+            "bytes each",
+            format!("{} ({} bytes)", size(p.bytes_each), p.bytes_each),
+        ),
+        ("hits", p.hits.to_string()),
+        ("misses", p.misses.to_string()),
+        (
+            "last claim",
+            p.last_claim.map_or_else(|| "-".to_string(), time),
+        ),
+    ])
+}
+
+fn pools(l: &PoolList) -> String {
+    let mut t = Table::new(&[
+        ("IMAGE", Left),
+        ("NAMES", Left),
+        ("PRIORITY", Right),
+        ("WANTED", Right),
+        ("READY", Right),
+        ("MAKING", Right),
+        ("EACH", Right),
+        ("HITS", Right),
+        ("MISSES", Right),
+    ]);
+    for p in &l.entries {
+        t.row(vec![
+            short_digest(&p.digest),
+            p.names.join(","),
+            p.priority.to_string(),
+            p.wanted.to_string(),
+            p.ready.to_string(),
+            p.making.to_string(),
+            size(p.bytes_each),
+            p.hits.to_string(),
+            p.misses.to_string(),
+        ]);
+    }
+    format!(
+        "{}\ncopies by priority: {}; {} free, reserve {}\n",
+        t.render(),
+        l.rule,
+        size(l.free_bytes),
+        size(l.reserve_bytes)
+    )
 }
 
 fn done(call: &Call) -> String {
@@ -42,6 +106,7 @@ fn done(call: &Call) -> String {
         Call::ImageRemove(p) => format!("removed image {}\n", p.image),
         Call::VolumeDelete(p) => format!("deleted volume {}\n", p.name),
         Call::ExportStop(p) => format!("stopped exporting {}\n", p.volume),
+        Call::PoolUnset(p) => format!("no more ready copies of {}\n", p.image),
         other => format!("{}: done\n", other.method()),
     }
 }
@@ -126,6 +191,7 @@ fn volume(v: &VolumeInfo) -> String {
         ),
         ("state", state_name(v.state).into()),
         ("exported", yes_no(v.exported)),
+        ("from pool", yes_no(v.from_pool)),
     ])
 }
 

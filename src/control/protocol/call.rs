@@ -48,6 +48,14 @@ pub enum Call {
     ExportStop(ExportRef),
     #[serde(rename = "export.list")]
     ExportList(NoParams),
+    #[serde(rename = "pool.set")]
+    PoolSet(PoolSet),
+    #[serde(rename = "pool.unset")]
+    PoolUnset(PoolRef),
+    #[serde(rename = "pool.show")]
+    PoolShow(PoolRef),
+    #[serde(rename = "pool.list")]
+    PoolList(NoParams),
     /// Answered by the server from [`Service::metrics`](crate::control::Service::metrics).
     #[serde(rename = "stats")]
     Stats(NoParams),
@@ -149,6 +157,24 @@ pub struct ExportRef {
     pub volume: String,
 }
 
+/// Keep ready full copies of `image`: `copies` of them, or as many as the
+/// priority's rule says when absent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSet {
+    pub image: String,
+    /// 1 (least important) to 10.
+    pub priority: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copies: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolRef {
+    pub image: String,
+}
+
 impl Call {
     /// Every method name, as on the wire.
     pub const METHODS: &'static [&'static str] = &[
@@ -166,6 +192,10 @@ impl Call {
         "export.start",
         "export.stop",
         "export.list",
+        "pool.set",
+        "pool.unset",
+        "pool.show",
+        "pool.list",
         "stats",
         "watch",
         "version",
@@ -187,6 +217,10 @@ impl Call {
             Call::ExportStart(_) => "export.start",
             Call::ExportStop(_) => "export.stop",
             Call::ExportList(_) => "export.list",
+            Call::PoolSet(_) => "pool.set",
+            Call::PoolUnset(_) => "pool.unset",
+            Call::PoolShow(_) => "pool.show",
+            Call::PoolList(_) => "pool.list",
             Call::Stats(_) => "stats",
             Call::Watch(_) => "watch",
             Call::Version(_) => "version",
@@ -254,7 +288,24 @@ impl Call {
                 }
             }
             Call::ExportStop(p) => name("volume", &p.volume),
+            Call::PoolSet(p) => {
+                name("image", &p.image)?;
+                if !(1..=10).contains(&p.priority) {
+                    return Err(bad_request(format!(
+                        "`priority` goes from 1 (least important) to 10, not {}",
+                        p.priority
+                    )));
+                }
+                match p.copies {
+                    Some(c) if c > 64 => {
+                        Err(bad_request(format!("`copies` is at most 64, not {c}")))
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Call::PoolUnset(p) | Call::PoolShow(p) => name("image", &p.image),
             Call::ImageList(_)
+            | Call::PoolList(_)
             | Call::VolumeList(_)
             | Call::ExportList(_)
             | Call::Stats(_)

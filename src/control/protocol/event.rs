@@ -94,6 +94,15 @@ pub enum EventKind {
     },
     #[serde(rename = "export.disconnected")]
     ExportDisconnected { volume: String },
+    /// The pool's filler made a ready copy of `image`.
+    #[serde(rename = "pool.copy_ready")]
+    PoolCopyReady { image: String },
+    /// `volume` was made by claiming a ready copy of `image`.
+    #[serde(rename = "pool.claimed")]
+    PoolClaimed { image: String, volume: String },
+    /// A ready copy of `image` was deleted to give space back.
+    #[serde(rename = "pool.evicted")]
+    PoolEvicted { image: String, reason: String },
     /// I/O on the volume failed (a full disk, a failing device); at most
     /// one per export every 10 s, `message` counting the ones in between.
     #[serde(rename = "export.io_error")]

@@ -67,6 +67,40 @@ pub struct VolumeInfo {
     pub allocated_bytes: u64,
     pub state: VolumeState,
     pub exported: bool,
+    /// Made by claiming a ready copy from the pool (no data copied).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_pool: bool,
+}
+
+/// One image's ready copies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    pub digest: String,
+    pub names: Vec<String>,
+    pub priority: u8,
+    /// Ready copies wanted.
+    pub wanted: u32,
+    /// `wanted` follows the priority rule (no explicit `copies`).
+    pub by_rule: bool,
+    pub ready: u32,
+    pub making: u32,
+    /// Bytes one copy takes (the image's size).
+    pub bytes_each: u64,
+    pub hits: u64,
+    pub misses: u64,
+    /// Unix time in milliseconds of the last claim.
+    pub last_claim: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolList {
+    pub entries: Vec<PoolInfo>,
+    /// The rule giving the number of copies from the priority.
+    pub rule: String,
+    /// Free bytes on the pool's file system, and the reserve the filler
+    /// keeps free (and evicts to restore).
+    pub free_bytes: u64,
+    pub reserve_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +212,8 @@ pub enum Response {
     Watching(Watching),
     Version(VersionInfo),
     Done(Done),
+    Pool(PoolInfo),
+    Pools(PoolList),
 }
 
 /// Which [`Response`] variant answers a method.
@@ -194,6 +230,8 @@ pub enum Shape {
     Watching,
     Version,
     Done,
+    Pool,
+    Pools,
 }
 
 impl Shape {
@@ -201,7 +239,12 @@ impl Shape {
         match call {
             Call::ImageImport(_) | Call::ImageFetch(_) | Call::ImageShow(_) => Shape::Image,
             Call::ImageList(_) => Shape::Images,
-            Call::ImageRemove(_) | Call::VolumeDelete(_) | Call::ExportStop(_) => Shape::Done,
+            Call::ImageRemove(_)
+            | Call::VolumeDelete(_)
+            | Call::ExportStop(_)
+            | Call::PoolUnset(_) => Shape::Done,
+            Call::PoolSet(_) | Call::PoolShow(_) => Shape::Pool,
+            Call::PoolList(_) => Shape::Pools,
             Call::VolumeCreate(_) | Call::VolumeShow(_) | Call::VolumeResize(_) => Shape::Volume,
             Call::VolumeList(_) => Shape::Volumes,
             Call::VolumeExportRaw(_) => Shape::RawExported,
@@ -228,6 +271,8 @@ impl Response {
             Response::Watching(_) => Shape::Watching,
             Response::Version(_) => Shape::Version,
             Response::Done(_) => Shape::Done,
+            Response::Pool(_) => Shape::Pool,
+            Response::Pools(_) => Shape::Pools,
         }
     }
 
@@ -246,6 +291,8 @@ impl Response {
             Shape::Watching => Response::Watching(from(result)?),
             Shape::Version => Response::Version(from(result)?),
             Shape::Done => Response::Done(from(result)?),
+            Shape::Pool => Response::Pool(from(result)?),
+            Shape::Pools => Response::Pools(from(result)?),
         })
     }
 }
