@@ -109,6 +109,7 @@ impl Service for Fake {
                 images: 4,
                 fs_free_bytes: 200 << 30,
             },
+            pool: Default::default(),
         }
     }
 }

@@ -100,6 +100,7 @@ impl Service for Fake {
                 images: 2,
                 fs_free_bytes: 50 << 30,
             },
+            pool: Default::default(),
         }
     }
 }

@@ -103,6 +103,23 @@ fn deploys_take_ready_copies_and_the_filler_replaces_them() {
     // The filler makes the two copies again.
     let shown = wait_pool(&d, "a", "refilled", |v| v["ready"] == 2);
     assert_eq!(shown["hits"], 2);
+    // stats (and so Prometheus) carry the same figures.
+    let stats = d.ctl(&["stats"]);
+    let p = &stats["pool"]["images"][0];
+    assert_eq!(
+        (
+            p["image"].clone(),
+            p["ready"].clone(),
+            p["wanted"].clone(),
+            p["hits"].clone()
+        ),
+        ("a".into(), 2.into(), 2.into(), 2.into()),
+        "{stats}"
+    );
+    assert!(
+        stats["pool"]["reserve_bytes"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
 
     // An image whose priority wants no copy by the rule: a miss, copied.
     let set = d.ctl(&["pool", "set", "b", "--priority", "2"]);

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-use super::protocol::{StatsResult, VolumeStats};
+use super::protocol::{PoolImageStats, StatsResult, VolumeStats};
 use super::rt::{self, RuntimeThread};
 use super::Service;
 
@@ -250,6 +250,75 @@ pub fn render(stats: &StatsResult) -> String {
             }
         }
     }
+    let p = &stats.pool;
+    for (family, value) in [
+        (
+            gauge("vdisk_pool_ready", "Ready copies of the image."),
+            (|i: &PoolImageStats| u64::from(i.ready)) as fn(&PoolImageStats) -> u64,
+        ),
+        (
+            gauge(
+                "vdisk_pool_wanted",
+                "Ready copies the image's pool entry wants.",
+            ),
+            |i: &PoolImageStats| u64::from(i.wanted),
+        ),
+    ] {
+        header(&mut out, &family);
+        for i in &p.images {
+            let _ = writeln!(
+                out,
+                "{}{{image=\"{}\"}} {}",
+                family.name,
+                escape(&i.image),
+                value(i)
+            );
+        }
+    }
+    for (family, x) in [
+        (
+            counter(
+                "vdisk_pool_hits_total",
+                "Full-copy deploys that took a ready copy.",
+            ),
+            p.images.iter().map(|i| i.hits).sum::<u64>(),
+        ),
+        (
+            counter(
+                "vdisk_pool_misses_total",
+                "Full-copy deploys of a pooled image that found no ready copy.",
+            ),
+            p.images.iter().map(|i| i.misses).sum(),
+        ),
+    ] {
+        header(&mut out, &family);
+        let _ = writeln!(out, "{} {x}", family.name);
+    }
+    let ev = counter(
+        "vdisk_pool_evictions_total",
+        "Ready copies deleted to give space back, by reason.",
+    );
+    header(&mut out, &ev);
+    let _ = writeln!(out, "{}{{reason=\"reserve\"}} {}", ev.name, p.evictions);
+    for (family, x) in [
+        (
+            gauge(
+                "vdisk_pool_free_bytes",
+                "Free bytes on the pool's file system.",
+            ),
+            p.free_bytes,
+        ),
+        (
+            gauge(
+                "vdisk_pool_reserve_bytes",
+                "Bytes the pool's filler keeps free.",
+            ),
+            p.reserve_bytes,
+        ),
+    ] {
+        header(&mut out, &family);
+        let _ = writeln!(out, "{} {x}", family.name);
+    }
     let c = &stats.cache;
     // No budget, no budget gauge: 0 would read as "the cache may hold nothing".
     let budget = c.budget.map(|b| {
@@ -341,8 +410,29 @@ mod tests {
                 used_bytes: 42,
                 ..Default::default()
             },
+            pool: crate::control::protocol::PoolStats {
+                images: vec![PoolImageStats {
+                    image: "debian".into(),
+                    ready: 2,
+                    wanted: 4,
+                    hits: 5,
+                    misses: 1,
+                }],
+                evictions: 3,
+                free_bytes: 100,
+                reserve_bytes: 10,
+            },
         };
         let text = render(&stats);
+        assert!(
+            text.contains("vdisk_pool_ready{image=\"debian\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("vdisk_pool_wanted{image=\"debian\"} 4\n"));
+        assert!(text.contains("vdisk_pool_hits_total 5\n"));
+        assert!(text.contains("vdisk_pool_misses_total 1\n"));
+        assert!(text.contains("vdisk_pool_evictions_total{reason=\"reserve\"} 3\n"));
+        assert!(text.contains("vdisk_pool_reserve_bytes 10\n"));
         assert!(text.contains("# TYPE vdisk_volume_reads_total counter\n"));
         assert!(text.contains("vdisk_volume_reads_total{volume=\"vm\\\"1\"} 3\n"));
         assert!(text.contains("vdisk_volume_read_iops{volume=\"vm\\\"1\"} 1.5\n"));

@@ -20,8 +20,8 @@ pub use call::{
 pub use event::{unix_ms, Event, EventKind, Progress};
 pub use result::{
     CacheStats, Done, ExportInfo, ExportList, ImageFormat, ImageInfo, ImageList, IoCounters,
-    PoolInfo, PoolList, RawExported, Response, Shape, StatsResult, VersionInfo, VolumeInfo,
-    VolumeKind, VolumeList, VolumeState, VolumeStats, Watching,
+    PoolImageStats, PoolInfo, PoolList, PoolStats, RawExported, Response, Shape, StatsResult,
+    VersionInfo, VolumeInfo, VolumeKind, VolumeList, VolumeState, VolumeStats, Watching,
 };
 pub use size::Size;
 

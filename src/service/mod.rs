@@ -139,6 +139,8 @@ pub struct Daemon {
     pool_dir: PathBuf,
     pool_config: PoolConfig,
     filler: Mutex<Option<Filler>>,
+    /// Ready copies evicted since start, for the metrics.
+    pool_evictions: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A volume marked busy until this is dropped.
@@ -189,6 +191,7 @@ impl Daemon {
             pool_dir: state_dir.join(crate::pool::POOL_DIR),
             pool_config,
             filler: Mutex::new(None),
+            pool_evictions: Arc::default(),
         };
         for v in d.catalog.incomplete_volumes()? {
             log::warn!(
@@ -238,6 +241,7 @@ impl Daemon {
         }
         let images = self.cache.dir().to_path_buf();
         let bus = self.bus.clone();
+        let evictions = self.pool_evictions.clone();
         let filler = Filler::start(crate::pool::FillerContext {
             catalog: self.catalog.clone(),
             dir: self.pool_dir.clone(),
@@ -246,10 +250,13 @@ impl Daemon {
             events: Box::new(move |e| {
                 let kind = match e {
                     PoolEvent::CopyReady { digest } => EventKind::PoolCopyReady { image: digest },
-                    PoolEvent::Evicted { digest, reason } => EventKind::PoolEvicted {
-                        image: digest,
-                        reason,
-                    },
+                    PoolEvent::Evicted { digest, reason } => {
+                        evictions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        EventKind::PoolEvicted {
+                            image: digest,
+                            reason,
+                        }
+                    }
                 };
                 bus.publish(kind.into());
             }),
@@ -707,6 +714,35 @@ impl Daemon {
             })?;
         let copies = self.catalog.pool_copies().map_err(catalog_err)?;
         self.pool_info(&e, &copies)
+    }
+
+    fn pool_stats(&self) -> crate::control::protocol::PoolStats {
+        use crate::control::protocol::{PoolImageStats, PoolStats};
+        let list = match self.pool_list() {
+            Ok(l) => l,
+            Err(e) => {
+                log::warn!("pool stats: {}", e.message);
+                return PoolStats::default();
+            }
+        };
+        PoolStats {
+            images: list
+                .entries
+                .iter()
+                .map(|p| PoolImageStats {
+                    image: p.names.first().cloned().unwrap_or_else(|| p.digest.clone()),
+                    ready: p.ready,
+                    wanted: p.wanted,
+                    hits: p.hits,
+                    misses: p.misses,
+                })
+                .collect(),
+            evictions: self
+                .pool_evictions
+                .load(std::sync::atomic::Ordering::Relaxed),
+            free_bytes: list.free_bytes,
+            reserve_bytes: list.reserve_bytes,
+        }
     }
 
     fn pool_list(&self) -> Result<PoolList, ApiError> {
@@ -1232,7 +1268,11 @@ impl Service for Daemon {
                 CacheStats::default()
             }
         };
-        StatsResult { volumes, cache }
+        StatsResult {
+            volumes,
+            cache,
+            pool: self.pool_stats(),
+        }
     }
 }
 

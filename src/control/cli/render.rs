@@ -296,6 +296,16 @@ fn stats(s: &StatsResult) -> String {
             failed.push_str(&format!("{}: FLUSHES FAIL: {why}\n", v.volume));
         }
     }
+    if !s.pool.images.is_empty() {
+        let ready: u32 = s.pool.images.iter().map(|i| i.ready).sum();
+        let wanted: u32 = s.pool.images.iter().map(|i| i.wanted).sum();
+        failed.push_str(&format!(
+            "\npool: {ready} ready copies of {wanted} wanted, {} evicted, {} free (reserve {})\n",
+            s.pool.evictions,
+            size(s.pool.free_bytes),
+            size(s.pool.reserve_bytes)
+        ));
+    }
     let c = &s.cache;
     let budget = c.budget.map_or_else(
         || "(no budget)".to_string(),

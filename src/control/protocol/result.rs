@@ -179,6 +179,28 @@ pub struct CacheStats {
 pub struct StatsResult {
     pub volumes: Vec<VolumeStats>,
     pub cache: CacheStats,
+    #[serde(default)]
+    pub pool: PoolStats,
+}
+
+/// The ready copies, for `stats` and Prometheus.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStats {
+    pub images: Vec<PoolImageStats>,
+    /// Ready copies deleted to restore the reserve since vdiskd started.
+    pub evictions: u64,
+    pub free_bytes: u64,
+    pub reserve_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolImageStats {
+    /// The image's first name, or its digest.
+    pub image: String,
+    pub ready: u32,
+    pub wanted: u32,
+    pub hits: u64,
+    pub misses: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
