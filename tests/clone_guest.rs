@@ -228,3 +228,68 @@ echo "GROWN-OK"
         );
     }
 }
+
+/// A guest boots with a volume claimed from the pool of ready copies: it
+/// reads the image's data, and its writes reach neither the image nor the
+/// other ready copy.
+#[test]
+fn a_guest_runs_on_a_copy_claimed_from_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let d = Vdiskd::start(&state, &dir.path().join("control.sock"));
+    let base = pattern(0x9001, 0, SIZE as usize);
+    let img = dir.path().join("base.img");
+    std::fs::write(&img, &base).unwrap();
+    let r = d.ctl(&["image", "import", img.to_str().unwrap(), "--name", "base"]);
+    let cached = state.join("images").join(r["digest"].as_str().unwrap());
+    let before = sha256_file(&cached);
+    d.ctl(&["pool", "set", "base", "--priority", "9", "--copies", "2"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while d.ctl(&["pool", "show", "base"])["ready"] != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never filled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let v = d.ctl(&["volume", "create", "vm", "--image", "base", "--full"]);
+    assert_eq!(v["from_pool"], true, "{v}");
+    let sock = dir.path().join("vm.sock");
+    d.ctl(&["export", "start", "vm", "--socket", sock.to_str().unwrap()]);
+    let want: String = Sha256::digest(&base[(8 * MIB) as usize..(12 * MIB) as usize])
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let run = Guest::new()
+        .timeout(Duration::from_secs(180))
+        .disk(Disk::new(&sock))
+        .run(
+            r#"
+set -e
+echo "SUM=$(dd if=/dev/vda bs=1048576 skip=8 count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
+seq 1 300000 | head -c 1048576 > /tmp/p
+dd if=/tmp/p of=/dev/vda bs=1048576 count=1 oflag=direct conv=notrunc 2>/dev/null
+sync
+"#,
+        );
+    run.assert_success();
+    assert_eq!(
+        run.value("SUM="),
+        want,
+        "the guest read other data than the image's\n{run}"
+    );
+    assert_eq!(sha256_file(&cached), before, "the base image changed");
+    // The other ready copy still holds the image.
+    let v = d.ctl(&["volume", "create", "vm2", "--image", "base", "--full"]);
+    assert_eq!(v["from_pool"], true, "{v}");
+    let sock2 = dir.path().join("vm2.sock");
+    d.ctl(&[
+        "export",
+        "start",
+        "vm2",
+        "--socket",
+        sock2.to_str().unwrap(),
+    ]);
+    let mut c = Client::connect(&sock2, 1).unwrap();
+    assert!(c.read(0, MIB as usize).unwrap() == base[..MIB as usize]);
+}
