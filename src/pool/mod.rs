@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -419,7 +419,7 @@ pub fn copy_file(
     rate: Option<u64>,
     stop: &AtomicBool,
 ) -> Result<bool, PoolError> {
-    let mut input = File::open(src).map_err(io_err("open", src))?;
+    let input = File::open(src).map_err(io_err("open", src))?;
     let size = input.metadata().map_err(io_err("stat", src))?.len();
     let out = File::options()
         .write(true)
@@ -433,11 +433,28 @@ pub fn copy_file(
     let started = Instant::now();
     let mut buf = vec![0u8; CHUNK];
     let mut off = 0u64;
+    // Bytes read so far: what the rate limit counts (holes are skipped,
+    // not read).
+    let mut moved = 0u64;
     while off < size {
         if stop.load(Ordering::Acquire) {
             return Ok(false);
         }
-        let n = input.read(&mut buf).map_err(io_err("read", src))?;
+        // Skip holes: a sparse image's empty GiBs are neither read nor
+        // written (SEEK_DATA; a file system without it reads them).
+        match rustix::fs::seek(&input, rustix::fs::SeekFrom::Data(off)) {
+            Ok(data) if data > off => {
+                off = data;
+                continue;
+            }
+            Ok(_) => {}
+            // ENXIO: no data past `off`.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => {}
+        }
+        let n = input
+            .read_at(&mut buf[..CHUNK.min((size - off) as usize)], off)
+            .map_err(io_err("read", src))?;
         if n == 0 {
             break;
         }
@@ -446,9 +463,10 @@ pub fn copy_file(
                 .map_err(io_err("write", dst))?;
         }
         off += n as u64;
+        moved += n as u64;
         if let Some(rate) = rate.filter(|r| *r > 0) {
             // Ahead of the rate: wait until the bytes so far are due.
-            let due = Duration::from_secs_f64(off as f64 / rate as f64);
+            let due = Duration::from_secs_f64(moved as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 std::thread::sleep(wait);
             }

@@ -78,6 +78,7 @@ fn a_copy_is_sparse_complete_and_stoppable() {
     let f = File::create(&src).unwrap();
     f.set_len(8 << 20).unwrap();
     f.write_all_at(&[7u8; 4096], 3 << 20).unwrap();
+    f.write_all_at(&[9u8; 512], (8 << 20) - 512).unwrap();
     drop(f);
     let stop = AtomicBool::new(false);
     let dst = dir.path().join("dst");
@@ -88,9 +89,16 @@ fn a_copy_is_sparse_complete_and_stoppable() {
         std::fs::metadata(&dst).unwrap().blocks() * 512 <= 2 << 20,
         "not sparse"
     );
-    // Rate-limited: 8 MiB at 32 MiB/s takes about a quarter of a second.
+    // Rate-limited: 8 MiB of data at 32 MiB/s takes about a quarter of a
+    // second (holes are skipped, so the file is dense).
+    let dense = dir.path().join("dense");
+    std::fs::write(&dense, vec![1u8; 8 << 20]).unwrap();
     let t = Instant::now();
-    assert!(copy_file(&src, &dir.path().join("slow"), Some(32 << 20), &stop).unwrap());
+    assert!(copy_file(&dense, &dir.path().join("slow"), Some(32 << 20), &stop).unwrap());
+    assert_eq!(
+        std::fs::read(dir.path().join("slow")).unwrap(),
+        vec![1u8; 8 << 20]
+    );
     assert!(
         t.elapsed() >= Duration::from_millis(200),
         "{:?}",
