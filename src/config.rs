@@ -264,6 +264,8 @@ pub struct FileConfig {
 pub struct PoolSection {
     pub reserve: Option<String>,
     pub rate: Option<String>,
+    /// `"1-3:0, 4-6:1, 7-8:2, 9-10:4"` (the default).
+    pub copies_by_priority: Option<String>,
 }
 
 impl PoolSection {
@@ -277,6 +279,10 @@ impl PoolSection {
         if let Some(r) = &self.reserve {
             cfg.reserve =
                 crate::pool::Reserve::parse(r).map_err(|e| bad("reserve", r, e.to_string()))?;
+        }
+        if let Some(r) = &self.copies_by_priority {
+            cfg.rule = crate::pool::CopiesRule::parse(r)
+                .map_err(|e| bad("copies-by-priority", r, e.to_string()))?;
         }
         if let Some(r) = &self.rate {
             cfg.rate = Some(

@@ -237,3 +237,33 @@ pub fn unix_socket_peers(path: &std::path::Path) -> Vec<u32> {
     }
     out
 }
+
+/// Make the calling thread yield to everything else: nice 19, and the idle
+/// I/O class where the I/O scheduler honours it. For background work (the
+/// pool's filler) that must not take time from the guests' queues. Best
+/// effort: a failure is logged and ignored.
+pub fn background_thread() {
+    // SAFETY: gettid(2) has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: setpriority(2) on this thread's own id, with a valid
+    // priority; it changes nothing but this thread's scheduling.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) } != 0 {
+        log::debug!("nice 19: {}", io::Error::last_os_error());
+    }
+    // ioprio_set(IOPRIO_WHO_PROCESS, tid, IOPRIO_CLASS_IDLE << 13).
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    // SAFETY: ioprio_set(2) with this thread's id and a valid class; it
+    // only changes this thread's I/O priority.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            tid as libc::c_long,
+            IOPRIO_CLASS_IDLE << 13,
+        )
+    };
+    if rc != 0 {
+        log::debug!("idle I/O class: {}", io::Error::last_os_error());
+    }
+}

@@ -58,31 +58,90 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Poo
     }
 }
 
-/// How many ready copies a priority wants when `copies` is not given:
-/// 1-3: 0, 4-6: 1, 7-8: 2, 9-10: 4.
+/// How many ready copies a priority wants when `copies` is not given. The
+/// default, `1-3:0, 4-6:1, 7-8:2, 9-10:4`, is changed with `[pool]
+/// copies-by-priority` in the same notation: ranges (or single
+/// priorities) and counts that cover 1 to 10 once each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CopiesRule;
+pub struct CopiesRule {
+    /// Copies for priorities 1 to 10.
+    table: [u32; 10],
+}
 
-impl CopiesRule {
-    pub fn copies(self, priority: u8) -> u32 {
-        match priority {
-            0..=3 => 0,
-            4..=6 => 1,
-            7..=8 => 2,
-            _ => 4,
+impl Default for CopiesRule {
+    fn default() -> Self {
+        CopiesRule {
+            table: [0, 0, 0, 1, 1, 1, 2, 2, 4, 4],
         }
-    }
-
-    pub fn describe(self) -> &'static str {
-        "priority 1-3: 0, 4-6: 1, 7-8: 2, 9-10: 4"
     }
 }
 
-/// Copies wanted for `entry`.
-pub fn wanted(entry: &PoolEntry) -> u32 {
-    entry
-        .copies
-        .unwrap_or_else(|| CopiesRule.copies(entry.priority))
+impl CopiesRule {
+    pub fn copies(&self, priority: u8) -> u32 {
+        let i = usize::from(priority.clamp(1, 10)) - 1;
+        self.table[i]
+    }
+
+    /// `1-3:0, 4-6:1, ...`: each priority once, counts at most 64.
+    pub fn parse(s: &str) -> Result<CopiesRule, PoolError> {
+        let bad = |why: &str| PoolError::Config(format!("copies-by-priority `{s}`: {why}"));
+        let mut table = [None::<u32>; 10];
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (range, count) = part
+                .split_once(':')
+                .ok_or_else(|| bad("each part is PRIORITIES:COPIES, such as 4-6:1"))?;
+            let count: u32 = count
+                .trim()
+                .parse()
+                .ok()
+                .filter(|c| *c <= crate::catalog::MAX_COPIES)
+                .ok_or_else(|| bad("a count of copies is 0 to 64"))?;
+            let (lo, hi) = match range.split_once('-') {
+                Some((a, b)) => (a.trim(), b.trim()),
+                None => (range.trim(), range.trim()),
+            };
+            let (lo, hi): (u8, u8) = match (lo.parse(), hi.parse()) {
+                (Ok(lo), Ok(hi)) if 1 <= lo && lo <= hi && hi <= 10 => (lo, hi),
+                _ => return Err(bad("priorities go from 1 to 10")),
+            };
+            for p in lo..=hi {
+                let slot = &mut table[usize::from(p) - 1];
+                if slot.is_some() {
+                    return Err(bad("a priority is given twice"));
+                }
+                *slot = Some(count);
+            }
+        }
+        let mut out = [0u32; 10];
+        for (i, c) in table.iter().enumerate() {
+            out[i] = c.ok_or_else(|| bad(&format!("priority {} has no count", i + 1)))?;
+        }
+        Ok(CopiesRule { table: out })
+    }
+
+    /// The rule in the notation `parse` reads, runs of equal counts
+    /// joined: `1-3:0, 4-6:1, 7-8:2, 9-10:4`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        let mut start = 0;
+        for i in 1..=10 {
+            if i == 10 || self.table[i] != self.table[start] {
+                let range = if start + 1 == i {
+                    format!("{}", start + 1)
+                } else {
+                    format!("{}-{}", start + 1, i)
+                };
+                parts.push(format!("{range}:{}", self.table[start]));
+                start = i;
+            }
+        }
+        parts.join(", ")
+    }
+}
+
+/// Copies wanted for `entry` under `rule`.
+pub fn wanted(rule: &CopiesRule, entry: &PoolEntry) -> u32 {
+    entry.copies.unwrap_or_else(|| rule.copies(entry.priority))
 }
 
 /// The space the filler keeps free.
@@ -125,6 +184,7 @@ pub struct PoolConfig {
     pub reserve: Reserve,
     /// Bytes per second the filler may copy; `None`: unlimited.
     pub rate: Option<u64>,
+    pub rule: CopiesRule,
 }
 
 impl Default for PoolConfig {
@@ -132,6 +192,7 @@ impl Default for PoolConfig {
         PoolConfig {
             reserve: Reserve::Percent(10),
             rate: None,
+            rule: CopiesRule::default(),
         }
     }
 }
@@ -273,6 +334,8 @@ impl Drop for Filler {
 }
 
 fn run(ctx: &FillerContext, shared: &Shared) {
+    // Copies are made in spare time: the guests' queue threads come first.
+    crate::sys::background_thread();
     while !shared.stop.load(Ordering::Acquire) {
         if let Err(e) = tick(ctx, shared) {
             log::error!("pool: {e}");
@@ -295,11 +358,18 @@ fn tick(ctx: &FillerContext, shared: &Shared) -> Result<(), PoolError> {
     if entries.is_empty() {
         return Ok(());
     }
+    // What a copy takes on disk: the cached image's allocated bytes (a
+    // sparse image's holes stay holes in its copies), not its size.
     let sizes: HashMap<String, u64> = entries
         .iter()
         .map(|e| {
-            let size = ctx.catalog.image(&e.digest).map(|i| i.size).unwrap_or(0);
-            (e.digest.clone(), size)
+            let bytes = std::fs::metadata((ctx.image_path)(&e.digest))
+                .map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    m.blocks().saturating_mul(512)
+                })
+                .unwrap_or(0);
+            (e.digest.clone(), bytes)
         })
         .collect();
     let (free, total) = fs_space(&ctx.dir).map_err(io_err("statvfs", &ctx.dir))?;
@@ -339,7 +409,7 @@ fn tick(ctx: &FillerContext, shared: &Shared) -> Result<(), PoolError> {
     let fill_mark = reserve.saturating_add(reserve / 2);
     for e in &entries {
         let have = copies.iter().filter(|c| c.digest == e.digest).count() as u32;
-        if have >= wanted(e) {
+        if have >= wanted(&ctx.config.rule, e) {
             continue;
         }
         let size = sizes.get(&e.digest).copied().unwrap_or(0);

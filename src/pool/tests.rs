@@ -14,10 +14,31 @@ fn copies_follow_the_priority_rule_unless_given() {
         misses: 0,
         last_claim: None,
     };
-    let got: Vec<u32> = (1..=10).map(|p| wanted(&e(p, None))).collect();
+    let rule = CopiesRule::default();
+    let got: Vec<u32> = (1..=10).map(|p| wanted(&rule, &e(p, None))).collect();
     assert_eq!(got, [0, 0, 0, 1, 1, 1, 2, 2, 4, 4]);
-    assert_eq!(wanted(&e(1, Some(3))), 3);
-    assert_eq!(wanted(&e(10, Some(0))), 0);
+    assert_eq!(wanted(&rule, &e(1, Some(3))), 3);
+    assert_eq!(wanted(&rule, &e(10, Some(0))), 0);
+    assert_eq!(rule.describe(), "1-3:0, 4-6:1, 7-8:2, 9-10:4");
+}
+
+#[test]
+fn the_rule_is_configurable_and_checked() {
+    let r = CopiesRule::parse("1-5:0, 6:1, 7-9:3, 10:8").unwrap();
+    let got: Vec<u32> = (1..=10).map(|p| r.copies(p)).collect();
+    assert_eq!(got, [0, 0, 0, 0, 0, 1, 3, 3, 3, 8]);
+    assert_eq!(r.describe(), "1-5:0, 6:1, 7-9:3, 10:8");
+    assert_eq!(CopiesRule::parse(&r.describe()).unwrap(), r);
+    for (bad, why) in [
+        ("1-9:1", "priority 10 has no count"),
+        ("1-10:1, 5:2", "given twice"),
+        ("0-10:1", "1 to 10"),
+        ("1-10:65", "0 to 64"),
+        ("1-10", "PRIORITIES:COPIES"),
+    ] {
+        let e = CopiesRule::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
 }
 
 #[test]

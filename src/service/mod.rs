@@ -668,7 +668,7 @@ impl Daemon {
             digest: e.digest.clone(),
             names: img.names,
             priority: e.priority,
-            wanted: crate::pool::wanted(e),
+            wanted: crate::pool::wanted(&self.pool_config.rule, e),
             by_rule: e.copies.is_none(),
             ready,
             making,
@@ -758,7 +758,7 @@ impl Daemon {
             crate::pool::fs_space(&self.pool_dir).map_err(io_api("statvfs", &self.pool_dir))?;
         Ok(PoolList {
             entries,
-            rule: crate::pool::CopiesRule.describe().to_string(),
+            rule: self.pool_config.rule.describe(),
             free_bytes: free,
             reserve_bytes: self.pool_config.reserve.bytes(total),
         })
