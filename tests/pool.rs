@@ -278,15 +278,18 @@ fn when_space_runs_short_the_lowest_priority_copies_go_first() {
     d.ctl(&["pool", "set", "b", "--priority", "3", "--copies", "2"]);
     wait_pool(&d, "a", "2 ready", |v| v["ready"] == 2);
     wait_pool(&d, "b", "2 ready", |v| v["ready"] == 2);
+    // An image nothing uses: the last thing to go.
+    image(dir.path(), "c", 3, 8 * MIB);
+    import(&d, dir.path(), "c");
 
     // A guest fills a volume: free space falls below the reserve.
     d.ctl(&["volume", "create", "big", "--size", "64M"]);
     let sock = dir.path().join("big.sock");
     d.ctl(&["export", "start", "big", "--socket", sock.to_str().unwrap()]);
     let mut c = Client::connect(&sock, 1).unwrap();
-    // About 48 MiB are free: 36 MiB more in use leaves ~12 MiB, 12 short
+    // About 40 MiB are free: 28 MiB more in use leaves ~12 MiB, 12 short
     // of the 24 MiB reserve, which b's two 8 MiB copies cover.
-    for i in 0..36 {
+    for i in 0..28 {
         c.write(i * MIB, &pattern(9, i * MIB, MIB as usize))
             .unwrap();
     }
@@ -309,4 +312,39 @@ fn when_space_runs_short_the_lowest_priority_copies_go_first() {
         list["free_bytes"].as_u64().unwrap() >= list["reserve_bytes"].as_u64().unwrap(),
         "the reserve was not restored: {list}"
     );
+    assert_eq!(
+        d.ctl(&["image", "list"])["images"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // 24 MiB more: ~4 MiB free, 20 short; a's two copies (16 MiB) are not
+    // enough; then the cached image nothing uses goes, never a pooled one.
+    let mut c = Client::connect(&sock, 1).unwrap();
+    for i in 28..52 {
+        c.write(i * MIB, &pattern(9, i * MIB, MIB as usize))
+            .unwrap();
+    }
+    drop(c);
+    wait_pool(&d, "a", "evicted", |v| v["ready"] == 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let names: Vec<String> = d.ctl(&["image", "list"])["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|i| i["names"].as_array().unwrap().clone())
+            .map(|n| n.as_str().unwrap().to_string())
+            .collect();
+        if names == ["a", "b"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "image c was never evicted: {names:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

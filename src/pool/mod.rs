@@ -236,8 +236,18 @@ pub fn fs_space(dir: &Path) -> io::Result<(u64, u64)> {
 /// What the filler reports (the service turns these into events).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PoolEvent {
-    CopyReady { digest: String },
-    Evicted { digest: String, reason: String },
+    CopyReady {
+        digest: String,
+    },
+    Evicted {
+        digest: String,
+        reason: String,
+    },
+    /// A cached image nothing used was removed to restore the reserve.
+    ImageEvicted {
+        digest: String,
+        reason: String,
+    },
 }
 
 /// What the filler needs from the rest of the daemon.
@@ -355,9 +365,6 @@ fn run(ctx: &FillerContext, shared: &Shared) {
 /// One round: evict below the reserve, then make at most one copy.
 fn tick(ctx: &FillerContext, shared: &Shared) -> Result<(), PoolError> {
     let entries = ctx.catalog.pool_entries()?;
-    if entries.is_empty() {
-        return Ok(());
-    }
     // What a copy takes on disk: the cached image's allocated bytes (a
     // sparse image's holes stay holes in its copies), not its size.
     let sizes: HashMap<String, u64> = entries
@@ -392,6 +399,7 @@ fn tick(ctx: &FillerContext, shared: &Shared) -> Result<(), PoolError> {
                 bytes: sizes.get(&c.digest).copied().unwrap_or(0),
             })
             .collect();
+        let mut freed = 0u64;
         for id in choose_evictions(&ready, reserve - free) {
             if let Some(c) = copies.iter().find(|c| c.id == id) {
                 evict(
@@ -399,7 +407,11 @@ fn tick(ctx: &FillerContext, shared: &Shared) -> Result<(), PoolError> {
                     c,
                     &format!("free space {free} bytes is below the reserve {reserve}"),
                 )?;
+                freed = freed.saturating_add(sizes.get(&c.digest).copied().unwrap_or(0));
             }
+        }
+        if free.saturating_add(freed) < reserve {
+            evict_unused_images(ctx, reserve - free - freed)?;
         }
         return Ok(());
     }
@@ -424,6 +436,58 @@ fn tick(ctx: &FillerContext, shared: &Shared) -> Result<(), PoolError> {
         // Look again at once: more may be wanted.
         *shared.wake.lock().unwrap_or_else(|e| e.into_inner()) = true;
         return Ok(());
+    }
+    Ok(())
+}
+
+/// Still short after the ready copies went: cached images that no volume
+/// uses and no pool entry wants, oldest first, until `need` bytes are free.
+/// The catalog refuses to forget an image a volume uses (checked in the
+/// same transaction that forgets it), so a deploy that starts meanwhile
+/// keeps its image.
+fn evict_unused_images(ctx: &FillerContext, need: u64) -> Result<(), PoolError> {
+    let used: Vec<String> = ctx
+        .catalog
+        .volumes()?
+        .into_iter()
+        .filter_map(|v| v.base)
+        .collect();
+    let pooled: Vec<String> = ctx
+        .catalog
+        .pool_entries()?
+        .into_iter()
+        .map(|e| e.digest)
+        .collect();
+    let mut images: Vec<_> = ctx
+        .catalog
+        .images()?
+        .into_iter()
+        .filter(|i| !used.contains(&i.digest) && !pooled.contains(&i.digest))
+        .collect();
+    images.sort_by_key(|i| (i.created, i.digest.clone()));
+    let mut freed = 0u64;
+    for img in images {
+        if freed >= need {
+            break;
+        }
+        if ctx.catalog.remove_image(&img.digest).is_err() {
+            continue; // in use after all
+        }
+        let path = (ctx.image_path)(&img.digest);
+        let bytes = std::fs::metadata(&path)
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.blocks().saturating_mul(512)
+            })
+            .unwrap_or(0);
+        let _ = std::fs::remove_file(&path);
+        freed = freed.saturating_add(bytes);
+        let reason = "free space is below the reserve and no volume or pool entry uses it";
+        log::info!("pool: removed the cached image {}: {reason}", img.digest);
+        (ctx.events)(PoolEvent::ImageEvicted {
+            digest: img.digest.clone(),
+            reason: reason.into(),
+        });
     }
     Ok(())
 }

@@ -257,6 +257,9 @@ impl Daemon {
                             reason,
                         }
                     }
+                    PoolEvent::ImageEvicted { digest, reason } => {
+                        EventKind::ImageEvicted { digest, reason }
+                    }
                 };
                 bus.publish(kind.into());
             }),

@@ -61,6 +61,10 @@ pub enum EventKind {
     },
     #[serde(rename = "image.removed")]
     ImageRemoved { digest: String },
+    /// A cached image that no volume used and no pool entry wanted was
+    /// removed to restore the pool's reserve.
+    #[serde(rename = "image.evicted")]
+    ImageEvicted { digest: String, reason: String },
     #[serde(rename = "volume.created")]
     VolumeCreated { name: String },
     /// Published by the control server while a full copy runs.
