@@ -10,30 +10,15 @@ mod guest;
 #[path = "common/vdiskd.rs"]
 mod vdiskd;
 
-use std::io::Read;
 use std::time::Duration;
 
 use client::{pattern, Client};
-use guest::{Disk, Guest};
+use guest::{seq_pattern, Disk, Guest};
 use sha2::{Digest, Sha256};
-use vdiskd::Vdiskd;
+use vdiskd::{sha256_file, Vdiskd};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
-
-fn sha256_file(path: &std::path::Path) -> String {
-    let mut f = std::fs::File::open(path).unwrap();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; MIB as usize];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
 
 #[test]
 fn a_guest_runs_fio_on_a_clone_and_the_base_is_untouched() {
@@ -103,18 +88,6 @@ fio --name=v --filename=/dev/vda --rw=randwrite --bs=4k --size=24M \
         );
         at += 4 * MIB;
     }
-}
-
-/// `seq 1 300000 | head -c LEN`, as the guest makes it.
-fn seq_pattern(len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 16);
-    let mut n = 1u64;
-    while out.len() < len {
-        out.extend_from_slice(format!("{n}\n").as_bytes());
-        n += 1;
-    }
-    out.truncate(len);
-    out
 }
 
 /// `vdiskctl volume resize` of exported volumes (an overlay clone and a raw

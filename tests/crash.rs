@@ -253,18 +253,6 @@ fn kill_9_mid_load_keeps_every_flushed_write_on_a_raw_volume() {
     );
 }
 
-/// `seq 1 300000 | head -c LEN`, as the guest makes it.
-fn seq_pattern(len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 16);
-    let mut n = 1u64;
-    while out.len() < len {
-        out.extend_from_slice(format!("{n}\n").as_bytes());
-        n += 1;
-    }
-    out.truncate(len);
-    out
-}
-
 /// The guest turns the write cache off (virtio-blk's CONFIG_WCE, through
 /// QEMU's SET_CONFIG) and writes with O_DIRECT and no flush: a partial
 /// first write to a clone's cluster (copy-up), a whole fresh cluster, and
@@ -273,7 +261,7 @@ fn seq_pattern(len: usize) -> Vec<u8> {
 /// reads back, on the overlay clone and on a raw volume.
 #[test]
 fn write_through_writes_survive_kill_9_without_a_flush() {
-    use guest::{Disk, Guest};
+    use guest::{seq_pattern, Disk, Guest};
     let s = Setup::new();
     let d = s.start();
     let size = 8 * MIB;

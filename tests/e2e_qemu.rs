@@ -23,7 +23,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use guest::{Disk, Guest, GuestRun, RunningGuest};
+use guest::{seq_pattern, Disk, Guest, GuestRun, RunningGuest};
 use server::{Export, Server, ServerKind};
 
 const MIB: u64 = 1 << 20;
@@ -133,18 +133,6 @@ impl Fixture {
 fn fill(file: &File, offset: u64, len: u64, byte: u8) {
     file.write_all_at(&vec![byte; len as usize], offset)
         .expect("fill disk file");
-}
-
-/// The pattern the guest scripts write: `seq 1 300000 | head -c LEN`.
-fn seq_pattern(len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 16);
-    let mut n = 1u64;
-    while out.len() < len {
-        out.extend_from_slice(format!("{n}\n").as_bytes());
-        n += 1;
-    }
-    out.truncate(len);
-    out
 }
 
 fn parse<T: std::str::FromStr>(run: &GuestRun, key: &str) -> T {

@@ -16,17 +16,9 @@ use std::time::Duration;
 
 use client::{pattern, Client};
 use serde_json::Value;
-use vdiskd::Vdiskd;
+use vdiskd::{Tmpfs, Vdiskd};
 
 const MIB: u64 = 1 << 20;
-
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// Events from `vdiskctl --json watch`, one JSON object per line.
 fn watch(control: &Path) -> (std::process::Child, mpsc::Receiver<Value>) {
@@ -70,21 +62,11 @@ fn next_event(rx: &mpsc::Receiver<Value>, kind: &str) -> Value {
 
 #[test]
 fn a_full_file_system_fails_writes_not_the_daemon_and_space_brings_them_back() {
-    // SAFETY: getuid(2) has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(&state)
-        .status()
-        .unwrap();
-    assert!(ok.success(), "mount a 16 MiB tmpfs");
-    let _unmount = Unmount(state.clone());
+    let Some(_tmpfs) = Tmpfs::mount(&state, "size=16m") else {
+        return;
+    };
     let control = dir.path().join("control.sock");
     let log = dir.path().join("vdiskd.log");
     let d = Vdiskd::start_logged(&state, &control, &[], &log);

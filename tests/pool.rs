@@ -239,30 +239,11 @@ fn a_copy_being_made_at_kill_9_is_never_counted_ready() {
 
 #[test]
 fn when_space_runs_short_the_lowest_priority_copies_go_first() {
-    // SAFETY: getuid(2) has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"])
-        .arg(&state)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(state.clone());
+    let Some(_tmpfs) = vdiskd::Tmpfs::mount(&state, "size=96m") else {
+        return;
+    };
     let cfg = dir.path().join("vdiskd.toml");
     std::fs::write(&cfg, "[pool]\nreserve = \"24M\"\n").unwrap();
     let d = Vdiskd::start_with(

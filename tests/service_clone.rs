@@ -11,32 +11,12 @@ use std::path::{Path, PathBuf};
 
 use client::{assert_same, pattern, Client};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use vdiskd::Vdiskd;
+
+use vdiskd::{sha256_file, Vdiskd};
 
 const MIB: u64 = 1 << 20;
 const IMAGE_SIZE: u64 = 8 * MIB;
 const SEED: u64 = 0x1a6e;
-
-fn sha256_file(path: &Path) -> String {
-    use std::io::Read;
-    let mut f =
-        std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; MIB as usize];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    hex(&h.finalize())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 /// Reads the whole disk in 1 MiB pieces.
 fn read_all(c: &mut Client, size: u64) -> Vec<u8> {
@@ -616,27 +596,11 @@ fn exports_and_stats_go_on_while_a_full_copy_runs() {
 /// directory) fails with an error naming the restriction and the way out.
 #[test]
 fn export_raw_to_a_read_only_file_system_says_what_to_do() {
-    // SAFETY: getuid(2) has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("skipped: mounting a read-only tmpfs needs root");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let ro = dir.path().join("ro");
-    std::fs::create_dir(&ro).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
-        .arg(&ro)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount a read-only tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(ro.clone());
+    let Some(_tmpfs) = vdiskd::Tmpfs::mount(&ro, "ro,size=1m") else {
+        return;
+    };
     let d = Vdiskd::start(&dir.path().join("state"), &dir.path().join("control.sock"));
     d.ctl(&["volume", "create", "v", "--size", "1M"]);
     let out = ro.join("v.raw");

@@ -688,3 +688,15 @@ impl Drop for GuestSlot {
         SLOT_FREED.notify_one();
     }
 }
+
+/// `seq 1 300000 | head -c LEN`, as a guest script makes its test data.
+pub fn seq_pattern(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 16);
+    let mut n = 1u64;
+    while out.len() < len {
+        out.extend_from_slice(format!("{n}\n").as_bytes());
+        n += 1;
+    }
+    out.truncate(len);
+    out
+}
