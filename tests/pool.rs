@@ -138,6 +138,17 @@ fn deploys_take_ready_copies_and_the_filler_replaces_them() {
     let table = String::from_utf8_lossy(&d.ctl_raw(&["pool", "list"]).stdout).into_owned();
     assert!(table.contains("copies by priority:"), "{table}");
 
+    // Fewer copies wanted: the extra ready ones go (ready never exceeds
+    // wanted).
+    d.ctl(&["pool", "set", "a", "--priority", "9", "--copies", "1"]);
+    wait_pool(&d, "a", "trimmed to 1", |v| v["ready"] == 1);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("state/pool"))
+            .unwrap()
+            .count(),
+        1
+    );
+
     // Unset: the copies go, the image can be removed once nothing uses it.
     d.ctl(&["pool", "unset", "a"]);
     let files = std::fs::read_dir(dir.path().join("state/pool"))

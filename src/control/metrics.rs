@@ -300,6 +300,7 @@ pub fn render(stats: &StatsResult) -> String {
     );
     header(&mut out, &ev);
     let _ = writeln!(out, "{}{{reason=\"reserve\"}} {}", ev.name, p.evictions);
+    let _ = writeln!(out, "{}{{reason=\"fewer_wanted\"}} {}", ev.name, p.trimmed);
     for (family, x) in [
         (
             gauge(
@@ -419,6 +420,7 @@ mod tests {
                     misses: 1,
                 }],
                 evictions: 3,
+                trimmed: 2,
                 free_bytes: 100,
                 reserve_bytes: 10,
             },
@@ -432,6 +434,7 @@ mod tests {
         assert!(text.contains("vdisk_pool_hits_total 5\n"));
         assert!(text.contains("vdisk_pool_misses_total 1\n"));
         assert!(text.contains("vdisk_pool_evictions_total{reason=\"reserve\"} 3\n"));
+        assert!(text.contains("vdisk_pool_evictions_total{reason=\"fewer_wanted\"} 2\n"));
         assert!(text.contains("vdisk_pool_reserve_bytes 10\n"));
         assert!(text.contains("# TYPE vdisk_volume_reads_total counter\n"));
         assert!(text.contains("vdisk_volume_reads_total{volume=\"vm\\\"1\"} 3\n"));

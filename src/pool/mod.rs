@@ -239,9 +239,12 @@ pub enum PoolEvent {
     CopyReady {
         digest: String,
     },
+    /// A ready copy was deleted: to restore the reserve (`trimmed` false)
+    /// or because its entry now wants fewer (`trimmed` true).
     Evicted {
         digest: String,
         reason: String,
+        trimmed: bool,
     },
     /// A cached image nothing used was removed to restore the reserve.
     ImageEvicted {
@@ -416,7 +419,28 @@ fn tick(ctx: &FillerContext, shared: &Shared) -> Result<(), PoolError> {
         return Ok(());
     }
 
-    // 2. The most important image short of copies gets one, if it fits
+    // 2. An entry that now wants fewer copies than it has ready gives the
+    //    oldest back: ready never exceeds wanted.
+    for e in &entries {
+        let want = wanted(&ctx.config.rule, e) as usize;
+        let ready: Vec<&PoolCopy> = copies
+            .iter()
+            .filter(|c| c.digest == e.digest && c.state == CopyState::Ready)
+            .collect();
+        if ready.len() > want {
+            for c in &ready[..ready.len() - want] {
+                evict_copy(
+                    ctx,
+                    c,
+                    &format!("the pool entry wants {want} ready copies"),
+                    true,
+                )?;
+            }
+            return Ok(());
+        }
+    }
+
+    // 3. The most important image short of copies gets one, if it fits
     //    above the fill mark.
     let fill_mark = reserve.saturating_add(reserve / 2);
     for e in &entries {
@@ -493,12 +517,22 @@ fn evict_unused_images(ctx: &FillerContext, need: u64) -> Result<(), PoolError> 
 }
 
 fn evict(ctx: &FillerContext, c: &PoolCopy, reason: &str) -> Result<(), PoolError> {
+    evict_copy(ctx, c, reason, false)
+}
+
+fn evict_copy(
+    ctx: &FillerContext,
+    c: &PoolCopy,
+    reason: &str,
+    trimmed: bool,
+) -> Result<(), PoolError> {
     ctx.catalog.remove_copy(c.id)?;
     let _ = std::fs::remove_file(&c.path);
     log::info!("pool: evicted a copy of {}: {reason}", c.digest);
     (ctx.events)(PoolEvent::Evicted {
         digest: c.digest.clone(),
         reason: reason.to_string(),
+        trimmed,
     });
     Ok(())
 }

@@ -139,8 +139,10 @@ pub struct Daemon {
     pool_dir: PathBuf,
     pool_config: PoolConfig,
     filler: Mutex<Option<Filler>>,
-    /// Ready copies evicted since start, for the metrics.
+    /// Ready copies evicted since start to restore the reserve, and given
+    /// back because their entry wanted fewer, for the metrics.
     pool_evictions: Arc<std::sync::atomic::AtomicU64>,
+    pool_trims: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A volume marked busy until this is dropped.
@@ -192,6 +194,7 @@ impl Daemon {
             pool_config,
             filler: Mutex::new(None),
             pool_evictions: Arc::default(),
+            pool_trims: Arc::default(),
         };
         for v in d.catalog.incomplete_volumes()? {
             log::warn!(
@@ -242,6 +245,7 @@ impl Daemon {
         let images = self.cache.dir().to_path_buf();
         let bus = self.bus.clone();
         let evictions = self.pool_evictions.clone();
+        let trims = self.pool_trims.clone();
         let filler = Filler::start(crate::pool::FillerContext {
             catalog: self.catalog.clone(),
             dir: self.pool_dir.clone(),
@@ -250,8 +254,16 @@ impl Daemon {
             events: Box::new(move |e| {
                 let kind = match e {
                     PoolEvent::CopyReady { digest } => EventKind::PoolCopyReady { image: digest },
-                    PoolEvent::Evicted { digest, reason } => {
-                        evictions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    PoolEvent::Evicted {
+                        digest,
+                        reason,
+                        trimmed,
+                    } => {
+                        if trimmed {
+                            trims.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        } else {
+                            evictions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         EventKind::PoolEvicted {
                             image: digest,
                             reason,
@@ -743,6 +755,7 @@ impl Daemon {
             evictions: self
                 .pool_evictions
                 .load(std::sync::atomic::Ordering::Relaxed),
+            trimmed: self.pool_trims.load(std::sync::atomic::Ordering::Relaxed),
             free_bytes: list.free_bytes,
             reserve_bytes: list.reserve_bytes,
         }

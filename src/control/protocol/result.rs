@@ -189,6 +189,9 @@ pub struct PoolStats {
     pub images: Vec<PoolImageStats>,
     /// Ready copies deleted to restore the reserve since vdiskd started.
     pub evictions: u64,
+    /// Ready copies deleted because their entry wanted fewer.
+    #[serde(default)]
+    pub trimmed: u64,
     pub free_bytes: u64,
     pub reserve_bytes: u64,
 }
