@@ -869,39 +869,34 @@ impl Daemon {
                 format!("size {size} is not a multiple of 512"),
             ));
         }
-        if let (true, Some(r)) = (size > v.size, running.get(name)) {
-            // Live: the disk grows under its queues, then the device
-            // accepts the new range and its config space says so.
-            let grown = self.volume_dir(name).join(GROWN_BITMAP_FILE);
-            r.disk.grow(size, &grown).map_err(|e| match e {
-                crate::block::GrowError::Io(e) => io_api("grow", &v.path)(e),
-                other => ApiError::new(ErrorCode::BadRequest, format!("`{name}`: {other}")),
-            })?;
-            r.server.set_capacity(size);
-            self.catalog
-                .set_volume_size(name, size)
-                .map_err(catalog_err)?;
-            self.publish(EventKind::VolumeGrown {
-                name: name.into(),
-                size,
-                old_size: v.size,
-                live: true,
-            });
-            let v = self.catalog.volume(name).map_err(catalog_err)?;
-            return Ok(self.volume_info(&v, true));
-        }
         if size > v.size {
-            match v.kind {
-                VolumeKind::Overlay => self.grow_overlay(&v, size)?,
-                VolumeKind::Empty | VolumeKind::Full => {
-                    let f = File::options()
-                        .write(true)
-                        .open(&v.path)
-                        .map_err(io_api("open", &v.path))?;
-                    f.set_len(size).map_err(io_api("resize", &v.path))?;
-                    f.sync_all().map_err(io_api("fsync", &v.path))?;
+            let live = match running.get(name) {
+                // Live: the disk grows under its queues, then the device
+                // accepts the new range and its config space says so.
+                Some(r) => {
+                    let grown = self.volume_dir(name).join(GROWN_BITMAP_FILE);
+                    r.disk.grow(size, &grown).map_err(|e| match e {
+                        crate::block::GrowError::Io(e) => io_api("grow", &v.path)(e),
+                        other => ApiError::new(ErrorCode::BadRequest, format!("`{name}`: {other}")),
+                    })?;
+                    r.server.set_capacity(size);
+                    true
                 }
-            }
+                None => {
+                    match v.kind {
+                        VolumeKind::Overlay => self.grow_overlay(&v, size)?,
+                        VolumeKind::Empty | VolumeKind::Full => {
+                            let f = File::options()
+                                .write(true)
+                                .open(&v.path)
+                                .map_err(io_api("open", &v.path))?;
+                            f.set_len(size).map_err(io_api("resize", &v.path))?;
+                            f.sync_all().map_err(io_api("fsync", &v.path))?;
+                        }
+                    }
+                    false
+                }
+            };
             self.catalog
                 .set_volume_size(name, size)
                 .map_err(catalog_err)?;
@@ -909,11 +904,11 @@ impl Daemon {
                 name: name.into(),
                 size,
                 old_size: v.size,
-                live: false,
+                live,
             });
         }
         let v = self.catalog.volume(name).map_err(catalog_err)?;
-        Ok(self.volume_info(&v, false))
+        Ok(self.volume_info(&v, running.contains_key(name)))
     }
 
     /// Grow an overlay that is not exported: a new bitmap beside the old
